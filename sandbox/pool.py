@@ -1,0 +1,440 @@
+"""The worker pool: runs invocations on workers and owns every invocation's deadline.
+
+One ``DeploymentPool`` per (app, version): a template process, up to ``max_workers``
+workers, and a bounded wait queue; past that, ``overloaded`` comes back at once. The
+invoking thread itself waits on the worker's socket with the deadline, answers host calls
+as they arrive, and on expiry kills the worker (SIGKILL through its pidfd) and returns
+``timeout``; a janitor thread reaps killed workers, retires idle ones, and keeps one warm.
+
+Flow of one invocation:
+    acquire a worker -> send invoke -> [call -> dispatch -> reply]* -> result -> release
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox.compiler import CompiledProject, SourceError, compile_project
+from sandbox.errors import (
+    ChatfnError,
+    DeployRejected,
+    InvalidRequest,
+    InvocationTimeout,
+    NotDeployed,
+    Overloaded,
+    SandboxViolation,
+    WorkerCrashed,
+)
+from sandbox.policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, Policy
+from sandbox.process import BootError, WorkerHandle, Zygote, describe_exit
+from sandbox.wire import FrameTooLarge, HostCall, ProtocolError, Result, encode, parse_worker_message
+
+HostCallFn = Callable[..., Any]
+# Outcomes after which a worker is not trusted with another invocation.
+_RETIRE_CODES = frozenset({"resource_limit", "sandbox_violation", "worker_crashed", "timeout"})
+_JANITOR_PERIOD_S = 0.5
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One version of an app's function project, as plain data."""
+
+    app: str
+    version: int
+    files: Mapping[str, str]
+    limits: Limits = DEFAULT_LIMITS
+    policy: Policy = DEFAULT_POLICY
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.app, self.version)
+
+
+@dataclass(frozen=True)
+class InvocationResult:
+    invocation_id: str
+    ok: bool
+    value: Any = None
+    error: ChatfnError | None = None
+    logs: str = ""
+    logs_truncated: bool = False
+    duration_ms: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.ok
+
+    @property
+    def failed(self) -> bool:
+        return not self.ok
+
+
+def validate(deployment: Deployment) -> CompiledProject:
+    """Compile a deployment's files; DeployRejected listing every error otherwise."""
+    compiled = compile_project(dict(deployment.files))
+    if isinstance(compiled, CompiledProject):
+        return compiled
+    raise rejected(compiled)
+
+
+def rejected(errors: list[SourceError]) -> DeployRejected:
+    exc = DeployRejected("; ".join(str(e) for e in errors))
+    exc.errors = [e.to_dict() for e in errors]  # type: ignore[attr-defined]
+    return exc
+
+
+class DeploymentPool:
+    def __init__(self, deployment: Deployment, tmp_root: str) -> None:
+        self.deployment = deployment
+        self.limits = deployment.limits
+        self.handlers = {
+            name.removesuffix(".py")
+            for name in deployment.files
+            if name.endswith(".py") and name != "init.py"
+        }
+        self.zygote = Zygote(dict(deployment.files), deployment.policy, self.limits, tmp_root)
+        self._cond = threading.Condition()
+        self._idle: list[WorkerHandle] = []
+        self._total = 0
+        self._waiting = 0
+        self._closed = False
+        self._doomed: list[WorkerHandle] = []
+        self.spawn_ms: list[float] = []
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, warm: int = 1) -> None:
+        try:
+            self.zygote.start()
+        except BootError as exc:
+            raise DeployRejected(f"deployment failed to start: {exc}") from None
+        for _ in range(warm):
+            with self._cond:
+                self._total += 1
+            self._release(self._spawn_counted())
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for worker in idle:
+            self.zygote.reap(worker)
+        self.housekeep()
+        self.zygote.stop()
+
+    # -- acquiring workers ------------------------------------------------------------------
+
+    def _spawn_counted(self) -> WorkerHandle:
+        """Spawn for a slot already counted in ``_total``; gives the slot back on failure."""
+        try:
+            if not self.zygote.alive:
+                self.zygote.stop()
+                self.zygote.start()
+            worker = self.zygote.spawn()
+        except BaseException:
+            with self._cond:
+                self._total -= 1
+                self._cond.notify()
+            raise
+        self.spawn_ms.append((time.monotonic() - worker.spawned_at) * 1000)
+        del self.spawn_ms[:-100]
+        return worker
+
+    def _acquire(self, deadline: float) -> WorkerHandle:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise NotDeployed("this deployment is no longer active")
+                if self._idle:
+                    return self._idle.pop()
+                if self._total < self.limits.max_workers:
+                    self._total += 1
+                    break
+                if self._waiting >= self.limits.max_queue:
+                    raise Overloaded(
+                        f"all {self.limits.max_workers} workers are busy and "
+                        f"{self._waiting} invocations are queued"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(
+                        f"no worker became free within {self.limits.timeout_ms} ms"
+                    )
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
+        return self._spawn_counted()
+
+    def _release(self, worker: WorkerHandle) -> None:
+        worker.last_used = time.monotonic()
+        with self._cond:
+            if not self._closed:
+                self._idle.append(worker)
+                self._cond.notify()
+                return
+            self._total -= 1
+        self.zygote.reap(worker)
+
+    def _discard(self, worker: WorkerHandle) -> None:
+        """Kill now (fast), reap later on the janitor."""
+        worker.kill()
+        with self._cond:
+            self._total -= 1
+            self._doomed.append(worker)
+            self._cond.notify()
+
+    # -- invoking ---------------------------------------------------------------------------
+
+    def invoke(
+        self,
+        handler: str,
+        event: Mapping[str, Any],
+        *,
+        capabilities: Mapping[str, HostCallFn],
+        invocation_id: str,
+    ) -> InvocationResult:
+        start = time.monotonic()
+        timeout_s = self.limits.timeout_ms / 1000.0
+        deadline = start + timeout_s
+        if handler not in self.handlers:
+            return _failure(invocation_id, NotDeployed(f"no {handler}.py in this deployment"), start)
+        try:
+            frame = encode(
+                {
+                    "t": "invoke",
+                    "handler": handler,
+                    "event": event,
+                    "ctx": {
+                        "app": self.deployment.app,
+                        "invocation_id": invocation_id,
+                        "timeout_ms": self.limits.timeout_ms,
+                    },
+                },
+                self.limits.max_frame_bytes,
+            )
+        except (FrameTooLarge, TypeError) as exc:
+            return _failure(invocation_id, InvalidRequest(f"event payload rejected: {exc}"), start)
+        try:
+            worker = self._acquire(deadline)
+        except ChatfnError as exc:
+            return _failure(invocation_id, exc, start)
+        worker.log.reset()
+        error: ChatfnError | None = None
+        value: Any = None
+        try:
+            worker.sock.sendall(frame)
+            value, error = self._converse(worker, capabilities, deadline)
+        except OSError:
+            error = self._crashed(worker)
+        logs, truncated = worker.log.read()
+        worker.invocations += 1
+        if error is not None and error.code in _RETIRE_CODES:
+            if error.code != "worker_crashed":  # a crashed worker is already reaped
+                self._discard(worker)
+        elif worker.invocations >= self.limits.max_invocations:
+            self._discard(worker)
+        else:
+            self._release(worker)
+        return InvocationResult(
+            invocation_id=invocation_id,
+            ok=error is None,
+            value=value,
+            error=error,
+            logs=logs,
+            logs_truncated=truncated,
+            duration_ms=(time.monotonic() - start) * 1000,
+        )
+
+    def _converse(
+        self, worker: WorkerHandle, capabilities: Mapping[str, HostCallFn], deadline: float
+    ) -> tuple[Any, ChatfnError | None]:
+        while True:
+            try:
+                msg = parse_worker_message(worker.reader.read(deadline))
+            except TimeoutError:
+                worker.kill()
+                return None, InvocationTimeout(
+                    f"the function did not finish within {self.limits.timeout_ms} ms"
+                )
+            except EOFError:
+                return None, self._crashed(worker)
+            except ProtocolError as exc:
+                worker.kill()
+                return None, SandboxViolation(f"the worker broke the protocol: {exc}")
+            if type(msg) is Result:
+                return (msg.value, None) if msg.ok else (None, msg.error)
+            if type(msg) is not HostCall:
+                worker.kill()
+                return None, SandboxViolation("the worker sent an unexpected message")
+            worker.sock.sendall(self._dispatch(msg, capabilities))
+
+    def _dispatch(self, call: HostCall, capabilities: Mapping[str, HostCallFn]) -> bytes:
+        fn = capabilities.get(call.name)
+        try:
+            if fn is None:
+                raise InvalidRequest(f"unknown host call {call.name!r}")
+            reply: dict[str, Any] = {"t": "reply", "ok": True, "value": fn(*call.args, **call.kwargs)}
+        except ChatfnError as exc:
+            reply = {"t": "reply", "ok": False, "error": exc.to_dict()}
+        except TypeError as exc:
+            reply = {"t": "reply", "ok": False,
+                     "error": {"code": "invalid_request", "message": f"{call.name}: {exc}"}}  # fmt: skip
+        try:
+            return encode(reply, self.limits.max_frame_bytes)
+        except (FrameTooLarge, TypeError):
+            return encode(
+                {"t": "reply", "ok": False,
+                 "error": {"code": "internal", "message": f"{call.name} returned bad data"}},
+                65536,
+            )  # fmt: skip
+
+    def _crashed(self, worker: WorkerHandle) -> ChatfnError:
+        with self._cond:
+            self._total -= 1
+            self._cond.notify()
+        code, message = describe_exit(self.zygote.reap(worker))
+        return ChatfnError.from_dict({"code": code, "message": message})
+
+    # -- housekeeping (janitor thread) ------------------------------------------------------
+
+    def housekeep(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            doomed, self._doomed = self._doomed, []
+            stale = [w for w in self._idle if now - w.last_used > self.limits.idle_timeout_s]
+            for w in stale:
+                self._idle.remove(w)
+            self._total -= len(stale)
+            # After a kill, keep one warm worker so the next caller does not pay for a spawn.
+            replace = bool(doomed) and not self._closed and self._total == 0
+            if replace:
+                self._total += 1
+        for worker in doomed + stale:
+            self.zygote.reap(worker)
+        if replace:
+            try:
+                self._release(self._spawn_counted())
+            except ChatfnError:
+                pass
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "workers": self._total,
+                "idle": len(self._idle),
+                "waiting": self._waiting,
+                "isolation": dict(self.zygote.isolation),
+            }
+
+
+def _failure(invocation_id: str, error: ChatfnError, start: float) -> InvocationResult:
+    return InvocationResult(
+        invocation_id=invocation_id,
+        ok=False,
+        error=error,
+        duration_ms=(time.monotonic() - start) * 1000,
+    )
+
+
+@dataclass
+class WorkerPool:
+    """All deployments' pools, and the janitor that looks after them."""
+
+    tmp_root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="chatfn-sandbox-"))
+    _pools: dict[tuple[str, int], DeploymentPool] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _janitor: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        # Workers that dropped to an unprivileged uid must reach their own directory below.
+        os.chmod(self.tmp_root, 0o711)
+
+    def prepare(self, deployment: Deployment, warm: int = 1) -> DeploymentPool:
+        """Validate and boot a deployment (its template and ``warm`` workers)."""
+        with self._lock:
+            existing = self._pools.get(deployment.key)
+        if existing is not None:
+            return existing
+        validate(deployment)
+        pool = DeploymentPool(deployment, self.tmp_root)
+        pool.start(warm)
+        with self._lock:
+            raced = self._pools.get(deployment.key)
+            if raced is None:
+                self._pools[deployment.key] = pool
+                self._ensure_janitor()
+        if raced is not None:
+            pool.close()
+            return raced
+        return pool
+
+    def invoke(
+        self,
+        deployment: Deployment,
+        handler: str,
+        event: Mapping[str, Any],
+        *,
+        capabilities: Mapping[str, HostCallFn] | None = None,
+        invocation_id: str | None = None,
+    ) -> InvocationResult:
+        invocation_id = invocation_id or uuid.uuid4().hex
+        pool = self._pools.get(deployment.key)
+        if pool is None:
+            try:
+                pool = self.prepare(deployment)
+            except ChatfnError as exc:
+                return _failure(invocation_id, exc, time.monotonic())
+        return pool.invoke(
+            handler, event, capabilities=capabilities or {}, invocation_id=invocation_id
+        )
+
+    def retire(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            pool = self._pools.pop(key, None)
+        if pool is not None:
+            pool.close()
+
+    def pools(self) -> dict[tuple[str, int], DeploymentPool]:
+        with self._lock:
+            return dict(self._pools)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+        if self._janitor is not None:
+            self._janitor.join(5)
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ensure_janitor(self) -> None:
+        if self._janitor is None:
+            self._janitor = threading.Thread(target=self._janitor_loop, name="chatfn-janitor", daemon=True)
+            self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        while not self._stop.wait(_JANITOR_PERIOD_S):
+            for pool in self.pools().values():
+                try:
+                    pool.housekeep()
+                except Exception:  # noqa: BLE001 - the janitor must outlive any one pool's trouble
+                    pass
