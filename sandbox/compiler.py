@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import CodeType
 
-from RestrictedPython import compile_restricted_exec
+from RestrictedPython.compile import compile_restricted_exec
 
 INIT_FILE = "init.py"
 HANDLER_NAME = "handle_event"
@@ -46,7 +46,7 @@ class CompiledProject:
     handlers: Mapping[str, CodeType]
 
 
-def _restricted_errors(filename: str, messages: tuple[str, ...] | list[str]) -> list[SourceError]:
+def _restricted_errors(filename: str, messages: Sequence[str]) -> list[SourceError]:
     errors = []
     for raw in messages:
         match = _LINE_PREFIX.match(raw)
@@ -92,7 +92,7 @@ def compile_source(
     errors = _restricted_errors(filename, result.errors)
     if not errors and is_handler:
         errors = _check_handler_signature(filename, source)
-    if errors:
+    if errors or result.code is None:
         return None, errors
     code: CodeType = result.code
     return code, []

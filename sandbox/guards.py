@@ -55,7 +55,7 @@ FORBIDDEN_ATTRIBUTES: frozenset[str] = INSPECT_ATTRIBUTES | frozenset(
 _FORMAT_METHODS = frozenset({"format", "format_map"})
 _FORMATTER_METHODS = frozenset({"format", "vformat", "get_field", "get_value", "parse"})
 
-_INPLACE = {
+_INPLACE: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
     "//=": operator.ifloordiv, "%=": operator.imod, "**=": operator.ipow,
     "<<=": operator.ilshift, ">>=": operator.irshift, "&=": operator.iand,
@@ -76,6 +76,8 @@ class _ItemWriter:
     """What ``_write_`` returns for outside objects: item writes pass, attribute writes fail."""
 
     __slots__ = ("_guards", "_ob")
+    _guards: Guards
+    _ob: Any
 
     def __init__(self, ob: Any, guards: Guards) -> None:
         object.__setattr__(self, "_ob", ob)
@@ -91,9 +93,7 @@ class _ItemWriter:
         raise self._guards.refuse(f"cannot set attributes of {type(self._ob).__name__} objects")
 
     def __delattr__(self, name: str) -> None:
-        raise self._guards.refuse(
-            f"cannot delete attributes of {type(self._ob).__name__} objects"
-        )
+        raise self._guards.refuse(f"cannot delete attributes of {type(self._ob).__name__} objects")
 
 
 class _GuardedType:
@@ -112,11 +112,11 @@ class _GuardedType:
         if args:
             first = args[0]
             if kind is dict:
-                if hasattr(first, "keys"):
-                    made = dict(first, **kwargs)
-                    self._guards.check_all(made.values())
-                    return made
-                return dict(self._guards.checked_iter(first), **kwargs)
+                source = first if hasattr(first, "keys") else self._guards.checked_iter(first)
+                made = dict(source, **kwargs)
+                self._guards.check_all(made.keys())
+                self._guards.check_all(made.values())
+                return made
             if not isinstance(first, str | bytes | bytearray | int):
                 args = (self._guards.checked_iter(first), *args[1:])
         return kind(*args, **kwargs)
@@ -299,10 +299,10 @@ class Guards:
         return func(*args, **kwargs)
 
     def unpack_sequence(self, it: Any, spec: Any, _getiter_: Any) -> Any:
-        return guarded_unpack_sequence(it, spec, self.checked_iter)
+        return guarded_unpack_sequence(it, spec, self.checked_iter)  # type: ignore[no-untyped-call]
 
     def iter_unpack_sequence(self, it: Any, spec: Any, _getiter_: Any) -> Any:
-        return guarded_iter_unpack_sequence(it, spec, self.checked_iter)
+        return guarded_iter_unpack_sequence(it, spec, self.checked_iter)  # type: ignore[no-untyped-call]
 
     def import_(
         self,

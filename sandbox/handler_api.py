@@ -16,7 +16,7 @@ from sandbox.guards import ReadOnly
 HostCallFn = Callable[..., Any]
 
 
-class SessionRejected(Exception):  # noqa: N818 - the name handlers know from ChatKitty
+class SessionRejected(Exception):
     """Raise to reject the session; the message is shown to the client."""
 
     def __init__(self, message: str = "Session rejected") -> None:

@@ -50,7 +50,7 @@ def isolate_network() -> bool:
     """
     if os.geteuid() != 0:
         return False
-    return _libc.unshare(CLONE_NEWNET) == 0
+    return bool(_libc.unshare(CLONE_NEWNET) == 0)
 
 
 def current_address_space() -> int:

@@ -31,11 +31,17 @@ from sandbox.errors import (
     NotDeployed,
     Overloaded,
     SandboxViolation,
-    WorkerCrashed,
 )
 from sandbox.policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, Policy
 from sandbox.process import BootError, WorkerHandle, Zygote, describe_exit
-from sandbox.wire import FrameTooLarge, HostCall, ProtocolError, Result, encode, parse_worker_message
+from sandbox.wire import (
+    FrameTooLarge,
+    HostCall,
+    ProtocolError,
+    Result,
+    encode,
+    parse_worker_message,
+)
 
 HostCallFn = Callable[..., Any]
 # Outcomes after which a worker is not trusted with another invocation.
@@ -166,9 +172,7 @@ class DeploymentPool:
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise Overloaded(
-                        f"no worker became free within {self.limits.timeout_ms} ms"
-                    )
+                    raise Overloaded(f"no worker became free within {self.limits.timeout_ms} ms")
                 self._waiting += 1
                 try:
                     self._cond.wait(remaining)
@@ -208,7 +212,9 @@ class DeploymentPool:
         timeout_s = self.limits.timeout_ms / 1000.0
         deadline = start + timeout_s
         if handler not in self.handlers:
-            return _failure(invocation_id, NotDeployed(f"no {handler}.py in this deployment"), start)
+            return _failure(
+                invocation_id, NotDeployed(f"no {handler}.py in this deployment"), start
+            )
         try:
             frame = encode(
                 {
@@ -239,10 +245,11 @@ class DeploymentPool:
             error = self._crashed(worker)
         logs, truncated = worker.log.read()
         worker.invocations += 1
-        if error is not None and error.code in _RETIRE_CODES:
-            if error.code != "worker_crashed":  # a crashed worker is already reaped
-                self._discard(worker)
-        elif worker.invocations >= self.limits.max_invocations:
+        if worker.reaped:
+            worker.close()
+        elif (
+            error is not None and error.code in _RETIRE_CODES
+        ) or worker.invocations >= self.limits.max_invocations:
             self._discard(worker)
         else:
             self._release(worker)
@@ -284,12 +291,16 @@ class DeploymentPool:
         try:
             if fn is None:
                 raise InvalidRequest(f"unknown host call {call.name!r}")
-            reply: dict[str, Any] = {"t": "reply", "ok": True, "value": fn(*call.args, **call.kwargs)}
+            reply: dict[str, Any] = {
+                "t": "reply",
+                "ok": True,
+                "value": fn(*call.args, **call.kwargs),
+            }
         except ChatfnError as exc:
             reply = {"t": "reply", "ok": False, "error": exc.to_dict()}
         except TypeError as exc:
-            reply = {"t": "reply", "ok": False,
-                     "error": {"code": "invalid_request", "message": f"{call.name}: {exc}"}}  # fmt: skip
+            error = {"code": "invalid_request", "message": f"{call.name}: {exc}"}
+            reply = {"t": "reply", "ok": False, "error": error}
         try:
             return encode(reply, self.limits.max_frame_bytes)
         except (FrameTooLarge, TypeError):
@@ -303,7 +314,8 @@ class DeploymentPool:
         with self._cond:
             self._total -= 1
             self._cond.notify()
-        code, message = describe_exit(self.zygote.reap(worker))
+        code, message = describe_exit(self.zygote.reap(worker, close=False))
+        worker.reaped = True
         return ChatfnError.from_dict({"code": code, "message": message})
 
     # -- housekeeping (janitor thread) ------------------------------------------------------
@@ -428,7 +440,9 @@ class WorkerPool:
 
     def _ensure_janitor(self) -> None:
         if self._janitor is None:
-            self._janitor = threading.Thread(target=self._janitor_loop, name="chatfn-janitor", daemon=True)
+            self._janitor = threading.Thread(
+                target=self._janitor_loop, name="chatfn-janitor", daemon=True
+            )
             self._janitor.start()
 
     def _janitor_loop(self) -> None:
@@ -436,5 +450,5 @@ class WorkerPool:
             for pool in self.pools().values():
                 try:
                     pool.housekeep()
-                except Exception:  # noqa: BLE001 - the janitor must outlive any one pool's trouble
+                except Exception:
                     pass

@@ -48,6 +48,7 @@ class WorkerHandle:
     log: LogBuffer
     spawned_at: float
     invocations: int = 0
+    reaped: bool = False
     last_used: float = field(default_factory=time.monotonic)
 
     def kill(self) -> None:
@@ -174,8 +175,8 @@ class Zygote:
             raise WorkerCrashed("a new worker failed to start") from None
         return handle
 
-    def reap(self, handle: WorkerHandle) -> dict[str, Any]:
-        """Kill (if still running), wait for, and clean up one worker; returns its status."""
+    def reap(self, handle: WorkerHandle, *, close: bool = True) -> dict[str, Any]:
+        """Kill (if still running) and wait for one worker; returns how it ended."""
         handle.kill()
         status: dict[str, Any] = {"exit": None}
         try:
@@ -185,7 +186,8 @@ class Zygote:
                 status = reply
         except (WorkerCrashed, OSError):
             pass
-        handle.close()
+        if close:
+            handle.close()
         return status
 
     def stop(self) -> None:

@@ -97,7 +97,9 @@ class Worker:
             if self.guards.violations:
                 return self._error("sandbox_violation", self.guards.violations[0])
             try:
-                return encode({"t": "result", "ok": True, "value": value}, self.limits.max_frame_bytes)
+                return encode(
+                    {"t": "result", "ok": True, "value": value}, self.limits.max_frame_bytes
+                )
             except FrameTooLarge:
                 return self._error(
                     "function_error",
@@ -111,7 +113,7 @@ class Worker:
                 )
         except InitFailed as exc:
             return self._record(exc.record)
-        except BaseException as exc:  # noqa: BLE001 - every user failure becomes a record
+        except BaseException as exc:
             return self._record(self._classify(exc))
 
     # -- user code --------------------------------------------------------------------------
@@ -130,7 +132,7 @@ class Worker:
             if self.project.init is not None:
                 try:
                     ns = self._run_module("init", self.project.init, base)
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     record = self._classify(exc)
                     record["message"] = f"init.py failed: {record['message']}"
                     raise InitFailed(record) from None
@@ -219,13 +221,23 @@ class Worker:
             traceback.walk_tb(exc.__traceback__), lookup_lines=False
         )
         lines = ["Traceback (most recent call last):"]
+        previous, repeats = None, 0
         for frame in frames:
             if frame.filename not in self.sources:
                 continue
+            where = (frame.filename, frame.lineno, frame.name)
+            if where == previous:
+                repeats += 1
+                continue
+            if repeats:
+                lines.append(f"  [Previous line repeated {repeats} more times]")
+            previous, repeats = where, 0
             lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}')
             source = self.sources[frame.filename]
             if frame.lineno and 0 < frame.lineno <= len(source):
                 lines.append(f"    {source[frame.lineno - 1].strip()}")
+        if repeats:
+            lines.append(f"  [Previous line repeated {repeats} more times]")
         lines.append(f"{type(exc).__name__}: {_text(exc)}")
         return "\n".join(lines)
 
@@ -242,7 +254,7 @@ class Worker:
 def _text(exc: BaseException) -> str:
     try:
         return str(exc)[:MAX_MESSAGE_CHARS]
-    except Exception:  # noqa: BLE001 - a str() that raises still yields a message
+    except Exception:
         return "<unprintable error>"
 
 

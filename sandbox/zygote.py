@@ -35,6 +35,10 @@ from sandbox.worker import Worker
 EXIT_BOOT_FAILED = 2
 EXIT_CHILD_SETUP = 70
 _CONTROL_CAP = 256 * 1024 * 1024
+# Modules the allowlisted stdlib imports lazily (idna for any host name lookup, _strptime
+# for time.strptime). A worker that dropped to an unprivileged uid may be unable to read
+# the interpreter's files, so everything it will need is imported here, before the fork.
+_LAZY_STDLIB = ("encodings.idna", "encodings.punycode", "_strptime")
 
 
 class _LogStream:
@@ -75,7 +79,7 @@ class Template:
             except ImportError:
                 if name in self.policy.preload:
                     raise
-        for name in self.policy.preload:
+        for name in (*_LAZY_STDLIB, *self.policy.preload):
             importlib.import_module(name)
         netns = self.limits.network == "none" and oslimits.isolate_network()
         self.isolation = oslimits.Isolation(network_namespace=netns, uid_drop=self.drop_uid)
@@ -152,7 +156,7 @@ class Template:
         gid = self.policy.sandbox_gid if self.drop_uid else None
         os.chdir(oslimits.make_private_dir(self.tmp_root, uid, gid))
         os.environ.clear()
-        sys.stdout = sys.stderr = _LogStream(log)  # type: ignore[assignment]
+        sys.stdout = sys.stderr = _LogStream(log)  # type: ignore[assignment,unused-ignore]
         oslimits.apply(self.limits, self.policy, drop_uid=self.drop_uid)
         assert self.project is not None
         Worker(sock, log, self.project, self.files, self.policy, self.limits).serve()
@@ -164,7 +168,7 @@ def main(control_fd: int) -> NoReturn:
     try:
         template = Template(ctl, boot)
         template.boot()
-    except BaseException as exc:  # noqa: BLE001 - reported to the host, then exit
+    except BaseException as exc:
         ctl.sendall(encode({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, 65536))
         os._exit(EXIT_BOOT_FAILED)
     ctl.sendall(

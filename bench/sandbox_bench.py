@@ -1,0 +1,725 @@
+"""Benchmarks of the sandbox: what process isolation costs per invocation, and what it saves.
+
+Measured in one run, on one trivial handler that makes one host call
+(``context.users.check_user_exists(event.username)``):
+
+- warm:        ``WorkerPool.invoke`` on a warm worker (the production path);
+- floor:       a raw socketpair round trip to a forked echo child with the same codec and
+               framing (``sandbox.wire``), doubled: one round trip for the invocation, one for
+               the host call. Also the same four-message conversation measured directly;
+- in-process:  the same restricted code called directly in this process (no isolation);
+- fresh:       the naive sandbox, a new ``python -I`` interpreter per invocation;
+- spawn:       template fork to a ready worker;
+- memory:      an idle worker's private memory (what each extra worker really costs);
+- throughput:  two workers under concurrent load from four threads.
+
+``python bench/sandbox_bench.py`` prints a Markdown table with the targets; ``--json`` prints
+one JSON object and nothing else on stdout (progress goes to stderr, ``--quiet`` drops it);
+``--quick`` runs about a tenth of the iterations, as a smoke test. The script pins nothing:
+run it under ``taskset -c 0`` to see the same figures without cross-core wake-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sandbox import DEFAULT_POLICY, Deployment, DeploymentPool, Limits, WorkerPool
+from sandbox.compiler import compile_source
+from sandbox.guards import Guards
+from sandbox.handler_api import Context, Event, SessionRejected, UserExistsError
+from sandbox.process import WorkerHandle
+from sandbox.wire import FrameReader, encode
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+HANDLER_FILE = "h.py"
+HANDLER = "h"
+HANDLER_SRC = (
+    "def handle_event(event, context):\n"
+    "    return context.users.check_user_exists(event.username)\n"
+)
+EVENT: dict[str, Any] = {"username": "bob"}
+APP = "bench"
+TIMEOUT_MS = 5000
+FRAME_CAP = 1 << 20
+MIB = 1024 * 1024
+
+
+def user_exists(name: str) -> bool:
+    return name == "bob"
+
+
+CAPABILITIES: dict[str, Callable[..., Any]] = {"users.check_user_exists": user_exists}
+
+# The naive sandbox: a fresh interpreter per invocation that compiles the handler with the
+# same RestrictedPython rules and guards, answers its one host call over stdin/stdout (JSON
+# lines), and prints the result. No OS limits: it is the cheapest honest version of the idea.
+FRESH_CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from sandbox.compiler import compile_source
+from sandbox.guards import Guards
+from sandbox.handler_api import Context, Event, SessionRejected, UserExistsError
+from sandbox.policy import DEFAULT_POLICY
+
+def call(name, *args, **kwargs):
+    msg = {"t": "call", "name": name, "args": list(args), "kwargs": kwargs}
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+    reply = json.loads(sys.stdin.readline())
+    return reply["value"]
+
+code, errors = compile_source(sys.argv[3], sys.argv[2], is_handler=True)
+if errors:
+    raise SystemExit(str(errors[0]))
+guards = Guards(DEFAULT_POLICY, sys.stderr.write)
+ns = guards.namespace("h", {"SessionRejected": SessionRejected, "UserExistsError": UserExistsError})
+exec(code, ns)
+ctx = Context(app="bench", invocation_id=sys.argv[5], timeout_ms=5000, call=call,
+              log=sys.stderr.write)
+value = ns["handle_event"](Event(json.loads(sys.argv[4])), ctx)
+sys.stdout.write(json.dumps({"t": "result", "ok": True, "value": value}) + "\n")
+"""
+
+
+@dataclass(frozen=True)
+class Iterations:
+    warmup: int
+    warm: int
+    floor: int
+    inprocess: int
+    fresh: int
+    spawn: int
+    throughput: int
+    throughput_threads: int
+
+    @classmethod
+    def full(cls) -> Iterations:
+        return cls(300, 3000, 5000, 20000, 25, 50, 6000, 4)
+
+    @classmethod
+    def quick(cls) -> Iterations:
+        return cls(30, 300, 500, 2000, 3, 5, 600, 4)
+
+
+# ---- measuring ----------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * p // 100)))
+    return sorted_values[int(rank) - 1]
+
+
+def summarize(ns: list[int], scale: float) -> dict[str, float]:
+    """p50/p90/p99/max/mean of durations in ns, divided by ``scale`` (1e3: us, 1e6: ms)."""
+    values = sorted(v / scale for v in ns)
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": values[-1],
+        "mean": sum(values) / len(values),
+    }
+
+
+def system_busy_ticks() -> int:
+    """Jiffies all CPUs spent not idle, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal_guest = sum(fields[7:]) if len(fields) > 7 else 0  # steal, guest(_nice)
+    return sum(fields) - idle - steal_guest
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class CpuSample:
+    """CPU used while a block ran: by this process, and by the whole machine."""
+
+    wall_s: float = 0.0
+    self_s: float = 0.0
+    system_s: float = 0.0
+
+
+@contextmanager
+def cpu_accounting() -> Iterator[CpuSample]:
+    sample = CpuSample()
+    tick = os.sysconf("SC_CLK_TCK")
+    wall0, self0, sys0 = time.perf_counter(), self_cpu_s(), system_busy_ticks()
+    try:
+        yield sample
+    finally:
+        sample.wall_s = time.perf_counter() - wall0
+        sample.self_s = self_cpu_s() - self0
+        sample.system_s = (system_busy_ticks() - sys0) / tick
+
+
+def smaps_rollup(pid: int) -> dict[str, int] | None:
+    """/proc/<pid>/smaps_rollup in kB, or None when it cannot be read (not root)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def memory_of(pid: int) -> dict[str, float | None]:
+    rollup = smaps_rollup(pid)
+    if rollup is None:
+        return {"private_mib": None, "rss_mib": None, "pss_mib": None}
+    private = rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
+    return {
+        "private_mib": private / 1024,
+        "rss_mib": rollup.get("Rss", 0) / 1024,
+        "pss_mib": rollup.get("Pss", 0) / 1024,
+    }
+
+
+def log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---- the floor: raw frames to a forked echo child -----------------------------------------
+
+
+def invoke_message(invocation_id: str) -> dict[str, Any]:
+    """Same shape as the frame ``DeploymentPool.invoke`` sends."""
+    return {
+        "t": "invoke",
+        "handler": HANDLER,
+        "event": EVENT,
+        "ctx": {"app": APP, "invocation_id": invocation_id, "timeout_ms": TIMEOUT_MS},
+    }
+
+
+CALL_MESSAGE: dict[str, Any] = {
+    "t": "call",
+    "name": "users.check_user_exists",
+    "args": ["bob"],
+    "kwargs": {},
+}
+REPLY_MESSAGE: dict[str, Any] = {"t": "reply", "ok": True, "value": True}
+RESULT_MESSAGE: dict[str, Any] = {"t": "result", "ok": True, "value": True}
+
+
+def echo_child(sock: socket.socket) -> NoReturn:
+    """Answers an invoke with a host call and a reply with a result, like a worker would."""
+    status = 0
+    try:
+        reader = FrameReader(sock, FRAME_CAP)
+        while True:
+            try:
+                msg = reader.read()
+            except EOFError:
+                break
+            answer = CALL_MESSAGE if msg.get("t") == "invoke" else RESULT_MESSAGE
+            sock.sendall(encode(answer, FRAME_CAP))
+    except BaseException:  # a forked child must never return into the bench
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def bench_floor(it: Iterations) -> dict[str, Any]:
+    """Must run before any thread exists in this process (it forks)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        parent.close()
+        echo_child(child)
+    child.close()
+    reader = FrameReader(parent, FRAME_CAP)
+    invocation_id = uuid.uuid4().hex
+    try:
+
+        def round_trip() -> None:
+            parent.sendall(encode(invoke_message(invocation_id), FRAME_CAP))
+            reader.read(time.monotonic() + TIMEOUT_MS / 1000)
+
+        def conversation() -> None:
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            parent.sendall(encode(invoke_message(invocation_id), FRAME_CAP))
+            reader.read(deadline)
+            parent.sendall(encode(REPLY_MESSAGE, FRAME_CAP))
+            reader.read(deadline)
+
+        for _ in range(it.warmup):
+            round_trip()
+            conversation()
+        gc.collect()
+        rt: list[int] = []
+        with cpu_accounting() as rt_cpu:
+            for _ in range(it.floor):
+                t0 = time.perf_counter_ns()
+                round_trip()
+                rt.append(time.perf_counter_ns() - t0)
+        gc.collect()
+        conv: list[int] = []
+        for _ in range(it.floor):
+            t0 = time.perf_counter_ns()
+            conversation()
+            conv.append(time.perf_counter_ns() - t0)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+    rt_us = summarize(rt, 1e3)
+    return {
+        "floor_rt_p50_us": rt_us["p50"],
+        "floor_rt_p99_us": rt_us["p99"],
+        "floor_p50_us": 2 * rt_us["p50"],
+        "floor_conversation_p50_us": summarize(conv, 1e3)["p50"],
+        "floor_rt_total_cpu_us": rt_cpu.system_s / it.floor * 1e6,
+        "invoke_frame_bytes": len(encode(invoke_message(invocation_id), FRAME_CAP)),
+    }
+
+
+# ---- in-process: the same restricted code, no isolation -----------------------------------
+
+
+def bench_inprocess(it: Iterations) -> dict[str, Any]:
+    code, errors = compile_source(HANDLER_FILE, HANDLER_SRC, is_handler=True)
+    if code is None:
+        raise RuntimeError(f"handler does not compile: {errors}")
+    sink: list[str] = []
+    guards = Guards(DEFAULT_POLICY, sink.append)
+    namespace = guards.namespace(
+        HANDLER, {"SessionRejected": SessionRejected, "UserExistsError": UserExistsError}
+    )
+    exec(code, namespace)
+    handler: Callable[[Event, Context], Any] = namespace["handle_event"]
+    caps: Mapping[str, Callable[..., Any]] = CAPABILITIES
+
+    def call(name: str, *args: Any, **kwargs: Any) -> Any:
+        return caps[name](*args, **kwargs)
+
+    def once() -> None:
+        guards.violations.clear()
+        context = Context(
+            app=APP,
+            invocation_id=uuid.uuid4().hex,
+            timeout_ms=TIMEOUT_MS,
+            call=call,
+            log=sink.append,
+        )
+        if handler(Event(EVENT), context) is not True or guards.violations:
+            raise RuntimeError("in-process handler gave the wrong answer")
+
+    for _ in range(it.warmup):
+        once()
+    gc.collect()
+    samples: list[int] = []
+    for _ in range(it.inprocess):
+        t0 = time.perf_counter_ns()
+        once()
+        samples.append(time.perf_counter_ns() - t0)
+    us = summarize(samples, 1e3)
+    return {"inprocess_p50_us": us["p50"], "inprocess_p99_us": us["p99"]}
+
+
+# ---- the naive sandbox: a fresh interpreter per invocation --------------------------------
+
+
+def fresh_invoke() -> Any:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            FRESH_CHILD,
+            ROOT,
+            HANDLER_SRC,
+            HANDLER_FILE,
+            json.dumps(EVENT),
+            uuid.uuid4().hex,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"LANG": "C.UTF-8"},
+        cwd="/",
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        value: Any = None
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if msg["t"] == "call":
+                answer = CAPABILITIES[msg["name"]](*msg["args"], **msg["kwargs"])
+                proc.stdin.write(json.dumps({"t": "reply", "ok": True, "value": answer}).encode())
+                proc.stdin.write(b"\n")
+                proc.stdin.flush()
+            elif msg["t"] == "result":
+                value = msg["value"]
+        proc.stdin.close()
+        stderr = proc.stderr.read() if proc.stderr is not None else b""
+        if proc.wait() != 0 or value is not True:
+            raise RuntimeError(f"fresh-process handler failed: {stderr.decode()[-2000:]}")
+        return value
+    finally:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def bench_fresh(it: Iterations) -> dict[str, Any]:
+    fresh_invoke()  # warm the page cache
+    samples: list[int] = []
+    for _ in range(it.fresh):
+        t0 = time.perf_counter_ns()
+        fresh_invoke()
+        samples.append(time.perf_counter_ns() - t0)
+    ms = summarize(samples, 1e6)
+    return {"fresh_process_p50_ms": ms["p50"], "fresh_process_p99_ms": ms["p99"]}
+
+
+# ---- the worker pool ----------------------------------------------------------------------
+
+
+def deployment(app: str, limits: Limits) -> Deployment:
+    return Deployment(app=app, version=1, files={HANDLER_FILE: HANDLER_SRC}, limits=limits)
+
+
+def invoke_ok(pool: WorkerPool, dep: Deployment) -> None:
+    result = pool.invoke(dep, HANDLER, EVENT, capabilities=CAPABILITIES)
+    if not result.ok or result.value is not True:
+        raise RuntimeError(f"invocation failed: {result.error}")
+
+
+def idle_worker(dp: DeploymentPool) -> WorkerHandle:
+    with dp._cond:
+        if not dp._idle:
+            raise RuntimeError("no idle worker")
+        return dp._idle[-1]
+
+
+def bench_warm(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
+    # No recycling during the run: this measures the warm path only (with the default of
+    # 1000 invocations per worker, one invocation in 1000 would also pay for a spawn).
+    dep = deployment(APP, Limits(max_invocations=10_000_000))
+    dp = pool.prepare(dep, warm=1)
+    few = 5
+    for _ in range(few):
+        invoke_ok(pool, dep)
+    worker = idle_worker(dp)
+    mem_few = memory_of(worker.pid)
+    for _ in range(it.warmup):
+        invoke_ok(pool, dep)
+    gc.collect()
+    spawns_before = len(dp.spawn_ms)
+    samples: list[int] = []
+    with cpu_accounting() as cpu:
+        for _ in range(it.warm):
+            t0 = time.perf_counter_ns()
+            invoke_ok(pool, dep)
+            samples.append(time.perf_counter_ns() - t0)
+    if len(dp.spawn_ms) != spawns_before or idle_worker(dp) is not worker:
+        raise RuntimeError("the warm worker was replaced during the warm run")
+    mem_after = memory_of(worker.pid)
+    us = summarize(samples, 1e3)
+
+    spawn_ns: list[int] = []
+    reap_ns: list[int] = []
+    for _ in range(it.spawn):
+        t0 = time.perf_counter_ns()
+        handle = dp.zygote.spawn()
+        t1 = time.perf_counter_ns()
+        dp.zygote.reap(handle)
+        spawn_ns.append(t1 - t0)
+        reap_ns.append(time.perf_counter_ns() - t1)
+    spawn_ms = summarize(spawn_ns, 1e6)
+    zygote = dp.zygote._proc
+    zygote_mem = memory_of(zygote.pid) if zygote is not None else {}
+    return {
+        "warm_p50_us": us["p50"],
+        "warm_p90_us": us["p90"],
+        "warm_p99_us": us["p99"],
+        "warm_max_us": us["max"],
+        "warm_mean_us": us["mean"],
+        "warm_host_cpu_us": cpu.self_s / it.warm * 1e6,
+        "warm_total_cpu_us": cpu.system_s / it.warm * 1e6,
+        "spawn_p50_ms": spawn_ms["p50"],
+        "spawn_p99_ms": spawn_ms["p99"],
+        "reap_p50_ms": summarize(reap_ns, 1e6)["p50"],
+        "worker_private_mib": mem_few["private_mib"],
+        "worker_rss_mib": mem_few["rss_mib"],
+        "worker_pss_mib": mem_few["pss_mib"],
+        "worker_invocations_at_memory_sample": few,
+        "worker_private_after_warm_run_mib": mem_after["private_mib"],
+        "worker_invocations_after_warm_run": worker.invocations,
+        "zygote_rss_mib": zygote_mem.get("rss_mib"),
+        "zygote_private_mib": zygote_mem.get("private_mib"),
+    }
+
+
+def bench_throughput(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
+    # Default limits apart from two workers: recycling after 1000 invocations included.
+    dep = deployment(f"{APP}-throughput", Limits(max_workers=2))
+    dp = pool.prepare(dep, warm=2)
+    threads = it.throughput_threads
+    per_thread = it.throughput // threads
+    failures: list[str] = []
+    latencies: list[list[int]] = [[] for _ in range(threads)]
+    barrier = threading.Barrier(threads + 1)
+
+    def run(index: int, count: int, record: bool) -> None:
+        mine = latencies[index]
+        if record:
+            barrier.wait()
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            result = pool.invoke(dep, HANDLER, EVENT, capabilities=CAPABILITIES)
+            if record:
+                mine.append(time.perf_counter_ns() - t0)
+            if not result.ok:
+                failures.append(str(result.error))
+
+    warmers = [threading.Thread(target=run, args=(i, 50, False)) for i in range(threads)]
+    for t in warmers:
+        t.start()
+    for t in warmers:
+        t.join()
+    gc.collect()
+    spawns_before = len(dp.spawn_ms)
+    workers = [threading.Thread(target=run, args=(i, per_thread, True)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    with cpu_accounting() as cpu:
+        barrier.wait()
+        for t in workers:
+            t.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} invocations failed under load: {failures[0]}")
+    total = per_thread * threads
+    us = summarize([v for per in latencies for v in per], 1e3)
+    return {
+        "throughput_per_s": total / cpu.wall_s,
+        "throughput_invocations": total,
+        "throughput_wall_s": cpu.wall_s,
+        "throughput_latency_p50_us": us["p50"],
+        "throughput_latency_p99_us": us["p99"],
+        "throughput_host_cpu_util": cpu.self_s / cpu.wall_s,
+        "throughput_system_cpu_util": cpu.system_s / cpu.wall_s,
+        "throughput_respawns": len(dp.spawn_ms) - spawns_before,
+    }
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    affinity = sorted(os.sched_getaffinity(0))
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "euid": os.geteuid(),
+    }
+
+
+def targets(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    def check(value: float | None, limit: float, *, at_least: bool = False) -> dict[str, Any]:
+        ok = None if value is None else (value >= limit if at_least else value <= limit)
+        return {"value": value, "target": limit, "ok": ok}
+
+    return {
+        "warm_p50_us": check(r["warm_p50_us"], 200),
+        "warm_vs_floor": check(r["warm_vs_floor"], 1.5),
+        "warm_p99_us": check(r["warm_p99_us"], 500),
+        "spawn_p50_ms": check(r["spawn_p50_ms"], 5),
+        "worker_private_mib": check(r["worker_private_mib"], 4),
+        "throughput_per_s": check(r["throughput_per_s"], 5000, at_least=True),
+    }
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown(r: Mapping[str, Any]) -> str:
+    t = r["targets"]
+
+    def verdict(key: str) -> str:
+        ok = t[key]["ok"]
+        return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+    m = r["machine"]
+    it = r["iterations"]
+    rows = [
+        ("warm invoke p50", f"{fmt(r['warm_p50_us'])} us", "<= 200 us", verdict("warm_p50_us")),
+        ("warm invoke p99", f"{fmt(r['warm_p99_us'])} us", "<= 500 us", verdict("warm_p99_us")),
+        (
+            "floor p50 (2 x raw round trip)",
+            f"{fmt(r['floor_p50_us'])} us (1 RT {fmt(r['floor_rt_p50_us'])} us)",
+            "",
+            "",
+        ),
+        ("warm / floor", f"{fmt(r['warm_vs_floor'], 2)}x", "<= 1.5x", verdict("warm_vs_floor")),
+        ("in-process p50 (no isolation)", f"{fmt(r['inprocess_p50_us'])} us", "", ""),
+        ("fresh process p50 (naive sandbox)", f"{fmt(r['fresh_process_p50_ms'])} ms", "", ""),
+        ("fresh / warm", f"{fmt(r['warm_vs_fresh'], 0)}x faster", "report", ""),
+        (
+            "spawn p50 (fork to ready)",
+            f"{fmt(r['spawn_p50_ms'], 2)} ms",
+            "<= 5 ms",
+            verdict("spawn_p50_ms"),
+        ),
+        (
+            "worker private memory",
+            f"{fmt(r['worker_private_mib'], 2)} MiB",
+            "<= 4 MiB",
+            verdict("worker_private_mib"),
+        ),
+        ("zygote RSS", f"{fmt(r['zygote_rss_mib'])} MiB", "", ""),
+        (
+            "throughput, 2 workers",
+            f"{fmt(r['throughput_per_s'], 0)} /s",
+            ">= 5,000 /s",
+            verdict("throughput_per_s"),
+        ),
+    ]
+    lines = [
+        f"Sandbox benchmark: {m['cpu_count']} CPUs ({m['cpu_model']}), "
+        f"affinity {m['cpu_affinity']}, Python {m['python']}, kernel {m['kernel']}"
+        f"{' (quick)' if r['quick'] else ''}",
+        "",
+        "| metric | value | target | met |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
+        "",
+        "| detail | value |",
+        "|---|---|",
+    ]
+    details = [
+        (
+            "warm p90 / max / mean",
+            f"{fmt(r['warm_p90_us'])} / {fmt(r['warm_max_us'])} / {fmt(r['warm_mean_us'])} us",
+        ),
+        (
+            "warm CPU per invoke: host process / whole machine",
+            f"{fmt(r['warm_host_cpu_us'])} / {fmt(r['warm_total_cpu_us'])} us",
+        ),
+        (
+            "floor: 4-message conversation p50 (measured)",
+            f"{fmt(r['floor_conversation_p50_us'])} us",
+        ),
+        ("floor: raw round trip p99", f"{fmt(r['floor_rt_p99_us'])} us"),
+        ("floor: machine CPU per round trip", f"{fmt(r['floor_rt_total_cpu_us'])} us"),
+        ("invoke frame size", f"{r['invoke_frame_bytes']} bytes"),
+        ("in-process p99", f"{fmt(r['inprocess_p99_us'])} us"),
+        (
+            "warm - in-process (isolation overhead)",
+            f"{fmt(r['warm_p50_us'] - r['inprocess_p50_us'])} us",
+        ),
+        ("fresh process p99", f"{fmt(r['fresh_process_p99_ms'])} ms"),
+        ("spawn p99 / reap p50", f"{fmt(r['spawn_p99_ms'], 2)} / {fmt(r['reap_p50_ms'], 2)} ms"),
+        ("worker RSS / PSS", f"{fmt(r['worker_rss_mib'])} / {fmt(r['worker_pss_mib'])} MiB"),
+        (
+            f"worker private after {r['worker_invocations_after_warm_run']} invocations",
+            f"{fmt(r['worker_private_after_warm_run_mib'], 2)} MiB",
+        ),
+        ("zygote private", f"{fmt(r['zygote_private_mib'])} MiB"),
+        (
+            "throughput latency p50 / p99",
+            f"{fmt(r['throughput_latency_p50_us'])} / {fmt(r['throughput_latency_p99_us'])} us",
+        ),
+        (
+            "throughput CPU: host process / whole machine (cores)",
+            f"{fmt(r['throughput_host_cpu_util'], 2)} / {fmt(r['throughput_system_cpu_util'], 2)}",
+        ),
+        ("throughput respawns (recycling at 1000 invocations)", fmt(r["throughput_respawns"])),
+        ("iterations", ", ".join(f"{k} {v}" for k, v in it.items())),
+        ("run time", f"{fmt(r['elapsed_s'])} s"),
+    ]
+    lines += [f"| {a} | {b} |" for a, b in details]
+    return "\n".join(lines)
+
+
+def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    log(quiet, "floor: raw round trips to a forked echo child")
+    results.update(bench_floor(it))  # first: it forks, so no threads may exist yet
+    log(quiet, "in-process: restricted code without isolation")
+    results.update(bench_inprocess(it))
+    with WorkerPool() as pool:
+        log(quiet, "warm invocations, worker memory, spawn")
+        results.update(bench_warm(pool, it))
+        log(quiet, "throughput: 2 workers, concurrent load")
+        results.update(bench_throughput(pool, it))
+    log(quiet, "fresh process per invocation")
+    results.update(bench_fresh(it))
+    results["warm_vs_floor"] = results["warm_p50_us"] / results["floor_p50_us"]
+    results["warm_vs_fresh"] = results["fresh_process_p50_ms"] * 1000 / results["warm_p50_us"]
+    results["isolation_overhead_us"] = results["warm_p50_us"] - results["inprocess_p50_us"]
+    results["targets"] = targets(results)
+    results["machine"] = machine()
+    results["iterations"] = asdict(it)
+    results["quick"] = quick
+    results["elapsed_s"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    it = Iterations.quick() if args.quick else Iterations.full()
+    results = run(it, quick=args.quick, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
