@@ -6,7 +6,9 @@ Measured in one run, on one trivial handler that makes one host call
 - warm:        ``WorkerPool.invoke`` on a warm worker (the production path);
 - floor:       a raw socketpair round trip to a forked echo child with the same codec and
                framing (``sandbox.wire``), doubled: one round trip for the invocation, one for
-               the host call. Also the same four-message conversation measured directly;
+               the host call. Also the same four-message conversation measured directly,
+               and a bare round trip (fixed bytes, ``recv_into``: no codec, no framing).
+               Measured in blocks interleaved with the warm run, so both see the same machine;
 - in-process:  the same restricted code called directly in this process (no isolation);
 - fresh:       the naive sandbox, a new ``python -I`` interpreter per invocation;
 - spawn:       template fork to a ready worker;
@@ -249,57 +251,82 @@ def echo_child(sock: socket.socket) -> NoReturn:
         os._exit(status)
 
 
-def bench_floor(it: Iterations) -> dict[str, Any]:
-    """Must run before any thread exists in this process (it forks)."""
+def bare_echo_child(sock: socket.socket, request_size: int, reply: bytes) -> NoReturn:
+    """No codec at all: reads ``request_size`` bytes into a fixed buffer, writes ``reply``."""
+    status = 0
+    try:
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        while True:
+            got = 0
+            while got < request_size:
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise EOFError
+                got += n
+            sock.sendall(reply)
+    except EOFError:
+        pass
+    except BaseException:  # a forked child must never return into the bench
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def fork_child(body: Callable[[socket.socket], NoReturn]) -> tuple[int, socket.socket]:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
         parent.close()
-        echo_child(child)
+        body(child)
     child.close()
-    reader = FrameReader(parent, FRAME_CAP)
-    invocation_id = uuid.uuid4().hex
-    try:
+    return pid, parent
 
-        def round_trip() -> None:
-            parent.sendall(encode(invoke_message(invocation_id), FRAME_CAP))
-            reader.read(time.monotonic() + TIMEOUT_MS / 1000)
 
-        def conversation() -> None:
-            deadline = time.monotonic() + TIMEOUT_MS / 1000
-            parent.sendall(encode(invoke_message(invocation_id), FRAME_CAP))
-            reader.read(deadline)
-            parent.sendall(encode(REPLY_MESSAGE, FRAME_CAP))
-            reader.read(deadline)
+class Floor:
+    """The echo children, forked up front (before any thread exists in this process) and
+    measured later, interleaved with the warm run so both see the same conditions."""
 
-        for _ in range(it.warmup):
-            round_trip()
-            conversation()
-        gc.collect()
-        rt: list[int] = []
-        with cpu_accounting() as rt_cpu:
-            for _ in range(it.floor):
-                t0 = time.perf_counter_ns()
-                round_trip()
-                rt.append(time.perf_counter_ns() - t0)
-        gc.collect()
-        conv: list[int] = []
-        for _ in range(it.floor):
-            t0 = time.perf_counter_ns()
-            conversation()
-            conv.append(time.perf_counter_ns() - t0)
-    finally:
-        parent.close()
-        os.waitpid(pid, 0)
-    rt_us = summarize(rt, 1e3)
-    return {
-        "floor_rt_p50_us": rt_us["p50"],
-        "floor_rt_p99_us": rt_us["p99"],
-        "floor_p50_us": 2 * rt_us["p50"],
-        "floor_conversation_p50_us": summarize(conv, 1e3)["p50"],
-        "floor_rt_total_cpu_us": rt_cpu.system_s / it.floor * 1e6,
-        "invoke_frame_bytes": len(encode(invoke_message(invocation_id), FRAME_CAP)),
-    }
+    def __init__(self) -> None:
+        invocation_id = uuid.uuid4().hex
+        self.invoke = invoke_message(invocation_id)
+        self.request = encode(self.invoke, FRAME_CAP)
+        self.reply = encode(CALL_MESSAGE, FRAME_CAP)
+        self.pid, self.sock = fork_child(echo_child)
+        request_size = len(self.request)
+        reply = self.reply
+        self.bare_pid, self.bare = fork_child(lambda s: bare_echo_child(s, request_size, reply))
+        self.reader = FrameReader(self.sock, FRAME_CAP)
+        self.bare_buf = memoryview(bytearray(65536))
+
+    def round_trip(self) -> None:
+        """What the pool does per frame: encode, send, poll with a deadline, recv, decode."""
+        self.sock.sendall(encode(self.invoke, FRAME_CAP))
+        self.reader.read(time.monotonic() + TIMEOUT_MS / 1000)
+
+    def conversation(self) -> None:
+        """The four messages of one invocation: invoke -> call, reply -> result."""
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        self.sock.sendall(encode(self.invoke, FRAME_CAP))
+        self.reader.read(deadline)
+        self.sock.sendall(encode(REPLY_MESSAGE, FRAME_CAP))
+        self.reader.read(deadline)
+
+    def bare_round_trip(self) -> None:
+        """The kernel and interpreter minimum: fixed bytes out, recv_into a fixed buffer."""
+        self.bare.sendall(self.request)
+        got = 0
+        while got < len(self.reply):
+            n = self.bare.recv_into(self.bare_buf[got:])
+            if n == 0:
+                raise EOFError
+            got += n
+
+    def close(self) -> None:
+        self.sock.close()
+        self.bare.close()
+        os.waitpid(self.pid, 0)
+        os.waitpid(self.bare_pid, 0)
 
 
 # ---- in-process: the same restricted code, no isolation -----------------------------------
@@ -423,7 +450,19 @@ def idle_worker(dp: DeploymentPool) -> WorkerHandle:
         return dp._idle[-1]
 
 
-def bench_warm(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
+def timed(fn: Callable[[], None], count: int, into: list[int], cpu: CpuSample) -> None:
+    """Run ``fn`` ``count`` times, appending each duration (ns) and adding up the CPU used."""
+    with cpu_accounting() as block:
+        for _ in range(count):
+            t0 = time.perf_counter_ns()
+            fn()
+            into.append(time.perf_counter_ns() - t0)
+    cpu.wall_s += block.wall_s
+    cpu.self_s += block.self_s
+    cpu.system_s += block.system_s
+
+
+def bench_warm(pool: WorkerPool, floor: Floor, it: Iterations) -> dict[str, Any]:
     # No recycling during the run: this measures the warm path only (with the default of
     # 1000 invocations per worker, one invocation in 1000 would also pay for a spawn).
     dep = deployment(APP, Limits(max_invocations=10_000_000))
@@ -433,20 +472,35 @@ def bench_warm(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
         invoke_ok(pool, dep)
     worker = idle_worker(dp)
     mem_few = memory_of(worker.pid)
-    for _ in range(it.warmup):
+
+    def warm_invoke() -> None:
         invoke_ok(pool, dep)
-    gc.collect()
+
+    kinds: dict[str, tuple[Callable[[], None], int]] = {
+        "warm": (warm_invoke, it.warm),
+        "floor": (floor.round_trip, it.floor),
+        "conversation": (floor.conversation, it.floor),
+        "bare": (floor.bare_round_trip, it.floor),
+    }
+    for fn, _ in kinds.values():
+        for _ in range(it.warmup):
+            fn()
     spawns_before = len(dp.spawn_ms)
-    samples: list[int] = []
-    with cpu_accounting() as cpu:
-        for _ in range(it.warm):
-            t0 = time.perf_counter_ns()
-            invoke_ok(pool, dep)
-            samples.append(time.perf_counter_ns() - t0)
+    samples: dict[str, list[int]] = {kind: [] for kind in kinds}
+    cpu = {kind: CpuSample() for kind in kinds}
+    # Interleaved blocks: a drift in the machine (the VM's neighbours, frequency) hits all
+    # four measurements alike instead of whichever happened to run at the time.
+    blocks = 10
+    for _ in range(blocks):
+        for kind, (fn, total) in kinds.items():
+            gc.collect()
+            timed(fn, total // blocks, samples[kind], cpu[kind])
     if len(dp.spawn_ms) != spawns_before or idle_worker(dp) is not worker:
         raise RuntimeError("the warm worker was replaced during the warm run")
     mem_after = memory_of(worker.pid)
-    us = summarize(samples, 1e3)
+    us = summarize(samples["warm"], 1e3)
+    rt_us = summarize(samples["floor"], 1e3)
+    n_warm, n_floor = len(samples["warm"]), len(samples["floor"])
 
     spawn_ns: list[int] = []
     reap_ns: list[int] = []
@@ -466,8 +520,15 @@ def bench_warm(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
         "warm_p99_us": us["p99"],
         "warm_max_us": us["max"],
         "warm_mean_us": us["mean"],
-        "warm_host_cpu_us": cpu.self_s / it.warm * 1e6,
-        "warm_total_cpu_us": cpu.system_s / it.warm * 1e6,
+        "warm_host_cpu_us": cpu["warm"].self_s / n_warm * 1e6,
+        "warm_total_cpu_us": cpu["warm"].system_s / n_warm * 1e6,
+        "floor_rt_p50_us": rt_us["p50"],
+        "floor_rt_p99_us": rt_us["p99"],
+        "floor_p50_us": 2 * rt_us["p50"],
+        "floor_conversation_p50_us": summarize(samples["conversation"], 1e3)["p50"],
+        "floor_bare_rt_p50_us": summarize(samples["bare"], 1e3)["p50"],
+        "floor_rt_total_cpu_us": cpu["floor"].system_s / n_floor * 1e6,
+        "invoke_frame_bytes": len(floor.request),
         "spawn_p50_ms": spawn_ms["p50"],
         "spawn_p99_ms": spawn_ms["p99"],
         "reap_p50_ms": summarize(reap_ns, 1e6)["p50"],
@@ -603,7 +664,7 @@ def markdown(r: Mapping[str, Any]) -> str:
         ("warm / floor", f"{fmt(r['warm_vs_floor'], 2)}x", "<= 1.5x", verdict("warm_vs_floor")),
         ("in-process p50 (no isolation)", f"{fmt(r['inprocess_p50_us'])} us", "", ""),
         ("fresh process p50 (naive sandbox)", f"{fmt(r['fresh_process_p50_ms'])} ms", "", ""),
-        ("fresh / warm", f"{fmt(r['warm_vs_fresh'], 0)}x faster", "report", ""),
+        ("fresh / warm", f"{fmt(r['warm_vs_fresh'], 0)}x faster", "(reported)", ""),
         (
             "spawn p50 (fork to ready)",
             f"{fmt(r['spawn_p50_ms'], 2)} ms",
@@ -650,6 +711,10 @@ def markdown(r: Mapping[str, Any]) -> str:
             f"{fmt(r['floor_conversation_p50_us'])} us",
         ),
         ("floor: raw round trip p99", f"{fmt(r['floor_rt_p99_us'])} us"),
+        (
+            "bare socket round trip p50 (no codec, recv_into)",
+            f"{fmt(r['floor_bare_rt_p50_us'])} us",
+        ),
         ("floor: machine CPU per round trip", f"{fmt(r['floor_rt_total_cpu_us'])} us"),
         ("invoke frame size", f"{r['invoke_frame_bytes']} bytes"),
         ("in-process p99", f"{fmt(r['inprocess_p99_us'])} us"),
@@ -684,15 +749,17 @@ def markdown(r: Mapping[str, Any]) -> str:
 def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    log(quiet, "floor: raw round trips to a forked echo child")
-    results.update(bench_floor(it))  # first: it forks, so no threads may exist yet
-    log(quiet, "in-process: restricted code without isolation")
-    results.update(bench_inprocess(it))
-    with WorkerPool() as pool:
-        log(quiet, "warm invocations, worker memory, spawn")
-        results.update(bench_warm(pool, it))
-        log(quiet, "throughput: 2 workers, concurrent load")
-        results.update(bench_throughput(pool, it))
+    floor = Floor()  # first: it forks, so no thread may exist yet
+    try:
+        log(quiet, "in-process: restricted code without isolation")
+        results.update(bench_inprocess(it))
+        with WorkerPool() as pool:
+            log(quiet, "warm invocations interleaved with the floor; worker memory; spawn")
+            results.update(bench_warm(pool, floor, it))
+            log(quiet, "throughput: 2 workers, concurrent load")
+            results.update(bench_throughput(pool, it))
+    finally:
+        floor.close()
     log(quiet, "fresh process per invocation")
     results.update(bench_fresh(it))
     results["warm_vs_floor"] = results["warm_p50_us"] / results["floor_p50_us"]

@@ -18,7 +18,7 @@ import string
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from types import CodeType, FrameType, ModuleType, TracebackType
+from types import BuiltinMethodType, CodeType, FrameType, ModuleType, TracebackType
 from typing import Any
 
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
@@ -53,6 +53,8 @@ FORBIDDEN_ATTRIBUTES: frozenset[str] = INSPECT_ATTRIBUTES | frozenset(
 )  # fmt: skip
 
 _FORMAT_METHODS = frozenset({"format", "format_map"})
+# The unbound str formatting methods: reachable without a str in hand through ``super()``.
+_STR_FORMATTERS = (str.format, str.format_map)
 _FORMATTER_METHODS = frozenset({"format", "vformat", "get_field", "get_value", "parse"})
 
 _INPLACE: dict[str, Callable[[Any, Any], Any]] = {
@@ -63,6 +65,13 @@ _INPLACE: dict[str, Callable[[Any, Any], Any]] = {
 }  # fmt: skip
 
 _MISSING = object()
+
+
+def _is_str_formatter(value: Any) -> bool:
+    """``str.format``/``str.format_map``, unbound or bound to any str (subclass) instance."""
+    if type(value) is BuiltinMethodType:
+        return isinstance(value.__self__, str)
+    return any(value is f for f in _STR_FORMATTERS)
 
 
 class ReadOnly:
@@ -172,7 +181,9 @@ class Guards:
         self.policy = policy
         self.violations: list[str] = []
         self._log_write = log_write
-        self._user_classes: weakref.WeakSet[type] = weakref.WeakSet()
+        # Classes user code defined, by id: identity, never ==/hash, which a user metaclass
+        # can override to make a stdlib class or ModuleType look like one of its own.
+        self._user_classes: weakref.WeakValueDictionary[int, type] = weakref.WeakValueDictionary()
         self._module_ok: dict[str, bool] = {}
         self._denied_attrs = policy.denied_attributes
         self.builtins = self._make_builtins()
@@ -241,6 +252,9 @@ class Guards:
         value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
         if type(value) in _SUSPECT_TYPES:
             self.check_value(value)
+        if name in _FORMAT_METHODS and _is_str_formatter(value):
+            # ``super(S, s).format`` with ``class S(str)``: the object is a super proxy.
+            raise self.refuse(f"str.{name} is not available; use f-strings or %")
         if name == "join" and isinstance(obj, str | bytes | bytearray):
             join = value
             return lambda iterable: join(self.checked_iter(iterable))
@@ -267,7 +281,7 @@ class Guards:
         kind = type(obj)
         if kind in (dict, list, set, bytearray):
             return obj
-        if kind in self._user_classes or (isinstance(obj, type) and obj in self._user_classes):
+        if self.is_user_class(kind) or self.is_user_class(obj):
             return obj
         if isinstance(obj, ReadOnly):
             raise AttributeError(f"{kind.__name__} is read-only")
@@ -347,8 +361,12 @@ class Guards:
             if issubclass(base_meta, meta):
                 meta = base_meta
         cls: type = meta(name, bases, namespace)
-        self._user_classes.add(cls)
+        self._user_classes[id(cls)] = cls
         return cls
+
+    def is_user_class(self, obj: Any) -> bool:
+        """Was ``obj`` made by a class statement of user code? By identity only."""
+        return self._user_classes.get(id(obj)) is obj
 
     # -- assembly ---------------------------------------------------------------------------
 

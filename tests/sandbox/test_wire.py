@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -131,3 +132,24 @@ def test_any_worker_message_parses_or_raises_protocol_error(value: object) -> No
             parse_worker_message(message)
         except ProtocolError:
             pass
+
+
+def test_frames_larger_than_the_buffer_and_back_to_back(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    big = {"blob": "y" * 300_000}
+    frames = encode(big, 1 << 20) + encode([1], 1 << 20) + encode(big, 1 << 20)
+    reader = FrameReader(b, 1 << 20)
+    done = threading.Event()
+
+    def send() -> None:
+        for i in range(0, len(frames), 50_000):
+            a.sendall(frames[i : i + 50_000])
+        done.set()
+
+    threading.Thread(target=send).start()
+    assert reader.read(time.monotonic() + 5) == big
+    assert reader.read(time.monotonic() + 5) == [1]
+    assert reader.read(time.monotonic() + 5) == big
+    assert done.wait(5)
