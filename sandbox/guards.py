@@ -18,7 +18,7 @@ import string
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from types import BuiltinMethodType, CodeType, FrameType, ModuleType, TracebackType
+from types import BuiltinMethodType, CodeType, FrameType, MethodType, ModuleType, TracebackType
 from typing import Any
 
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
@@ -56,6 +56,8 @@ _FORMAT_METHODS = frozenset({"format", "format_map"})
 # The unbound str formatting methods: reachable without a str in hand through ``super()``.
 _STR_FORMATTERS = (str.format, str.format_map)
 _FORMATTER_METHODS = frozenset({"format", "vformat", "get_field", "get_value", "parse"})
+# Their functions, refused however they are reached (a ``super()`` proxy of a subclass).
+_FORMATTER_FUNCTIONS = tuple(vars(string.Formatter)[name] for name in sorted(_FORMATTER_METHODS))
 
 _INPLACE: dict[str, Callable[[Any, Any], Any]] = {
     "+=": operator.iadd, "-=": operator.isub, "*=": operator.imul, "/=": operator.itruediv,
@@ -72,6 +74,12 @@ def _is_str_formatter(value: Any) -> bool:
     if type(value) is BuiltinMethodType:
         return isinstance(value.__self__, str)
     return any(value is f for f in _STR_FORMATTERS)
+
+
+def _is_formatter_method(value: Any) -> bool:
+    """A ``string.Formatter`` method that reads attributes, bound or not."""
+    func = value.__func__ if type(value) is MethodType else value
+    return any(func is f for f in _FORMATTER_FUNCTIONS)
 
 
 class ReadOnly:
@@ -255,6 +263,8 @@ class Guards:
         if name in _FORMAT_METHODS and _is_str_formatter(value):
             # ``super(S, s).format`` with ``class S(str)``: the object is a super proxy.
             raise self.refuse(f"str.{name} is not available; use f-strings or %")
+        if name in _FORMATTER_METHODS and _is_formatter_method(value):
+            raise self.refuse("string.Formatter is not available")
         if name == "join" and isinstance(obj, str | bytes | bytearray):
             join = value
             return lambda iterable: join(self.checked_iter(iterable))

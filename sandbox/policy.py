@@ -60,8 +60,9 @@ STDLIB_ALLOWLIST: frozenset[str] = frozenset(
 )
 
 # Submodules of allowed packages that stay out: logging.config can listen on a socket and
-# evaluate what it receives; logging.handlers writes files and opens sockets.
-DENIED_SUBMODULES: frozenset[str] = frozenset({"logging.config", "logging.handlers"})
+# evaluate what it receives; logging.handlers writes files and opens sockets; json.tool opens
+# the files named in sys.argv and hands out pathlib.Path.
+DENIED_SUBMODULES: frozenset[str] = frozenset({"logging.config", "logging.handlers", "json.tool"})
 
 # Attributes of allowed modules that are ways out (formatting engines that read attributes,
 # frame access, file writers). Refused by the attribute guard and by ``from m import name``.
@@ -81,6 +82,9 @@ DENIED_MODULE_ATTRIBUTES: frozenset[tuple[str, str]] = frozenset(
         ("logging", "setLoggerClass"),
         ("logging", "config"),
         ("logging", "handlers"),
+        # types.GenericAlias forwards every attribute read to any object it wraps, so the
+        # guards' checks on the kind of object (module, frame, str...) would see the alias.
+        ("dataclasses", "GenericAlias"),
     }
 )
 
