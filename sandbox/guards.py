@@ -18,7 +18,15 @@ import string
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from types import BuiltinMethodType, CodeType, FrameType, MethodType, ModuleType, TracebackType
+from types import (
+    BuiltinMethodType,
+    CodeType,
+    FrameType,
+    GenericAlias,
+    MethodType,
+    ModuleType,
+    TracebackType,
+)
 from typing import Any
 
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
@@ -40,6 +48,10 @@ class ForbiddenImport(ImportError):
 FORBIDDEN_TYPES: frozenset[type] = frozenset({FrameType, TracebackType, CodeType})
 # Types whose values need a closer look when they flow to user code.
 _SUSPECT_TYPES: frozenset[type] = FORBIDDEN_TYPES | {ModuleType}
+# Membership is tested by id: ``type(x) in FORBIDDEN_TYPES`` would hash and compare a
+# user-defined type, running its metaclass's __hash__/__eq__ with these types in hand.
+_FORBIDDEN_TYPE_IDS = frozenset(map(id, FORBIDDEN_TYPES))
+_SUSPECT_TYPE_IDS = frozenset(map(id, _SUSPECT_TYPES))
 
 # Attribute names refused on every object, on top of names starting with "_".
 FORBIDDEN_ATTRIBUTES: frozenset[str] = INSPECT_ATTRIBUTES | frozenset(
@@ -211,7 +223,7 @@ class Guards:
     def check_value(self, value: Any) -> Any:
         """Refuse interpreter internals and modules that are not on the allowlist."""
         kind = type(value)
-        if kind in _SUSPECT_TYPES:
+        if id(kind) in _SUSPECT_TYPE_IDS:
             if kind is ModuleType:
                 if not self.module_allowed(value.__name__):
                     raise self.refuse(f"module {value.__name__!r} is not available")
@@ -221,15 +233,15 @@ class Guards:
 
     def check_all(self, values: Iterable[Any]) -> None:
         for value in values:
-            if type(value) in _SUSPECT_TYPES:
+            if id(type(value)) in _SUSPECT_TYPE_IDS:
                 self.check_value(value)
 
     def checked_iter(self, iterable: Any) -> Iterator[Any]:
         """``_getiter_``: iterate, checking every item that comes out."""
-        suspect = _SUSPECT_TYPES
+        suspect = _SUSPECT_TYPE_IDS
         check = self.check_value
         for item in iter(iterable):
-            if type(item) in suspect:
+            if id(type(item)) in suspect:
                 check(item)
             yield item
 
@@ -246,7 +258,7 @@ class Guards:
         if kind is ModuleType:
             if (obj.__name__, name) in self._denied_attrs:
                 raise self.refuse(f"{obj.__name__}.{name} is not available in chat functions")
-        elif kind in FORBIDDEN_TYPES:
+        elif id(kind) in _FORBIDDEN_TYPE_IDS:
             raise self.refuse(f"{kind.__name__} objects are not available")
         elif name in _FORMAT_METHODS and (
             isinstance(obj, str) or (isinstance(obj, type) and issubclass(obj, str))
@@ -258,8 +270,12 @@ class Guards:
         ):
             raise self.refuse("string.Formatter is not available")
         value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
-        if type(value) in _SUSPECT_TYPES:
+        if id(type(value)) in _SUSPECT_TYPE_IDS:
             self.check_value(value)
+        if value is GenericAlias:
+            # Re-exported by logging, difflib, dataclasses...: GenericAlias(anything, ())
+            # forwards every attribute read to what it wraps, past the checks on obj above.
+            raise self.refuse("types.GenericAlias is not available in chat functions")
         if name in _FORMAT_METHODS and _is_str_formatter(value):
             # ``super(S, s).format`` with ``class S(str)``: the object is a super proxy.
             raise self.refuse(f"str.{name} is not available; use f-strings or %")
@@ -283,13 +299,13 @@ class Guards:
 
     def getitem(self, obj: Any, key: Any) -> Any:
         value = obj[key]
-        if type(value) in _SUSPECT_TYPES:
+        if id(type(value)) in _SUSPECT_TYPE_IDS:
             self.check_value(value)
         return value
 
     def write(self, obj: Any) -> Any:
         kind = type(obj)
-        if kind in (dict, list, set, bytearray):
+        if kind is dict or kind is list or kind is set or kind is bytearray:  # not ==
             return obj
         if self.is_user_class(kind) or self.is_user_class(obj):
             return obj
@@ -313,7 +329,12 @@ class Guards:
         func = _INPLACE.get(op)
         if func is None:
             raise self.refuse(f"operator {op!r} is not available")
-        if op == "+=" and type(target) is list and type(value) not in (list, tuple):
+        if (
+            op == "+="
+            and type(target) is list
+            and type(value) is not list
+            and type(value) is not tuple
+        ):
             value = list(self.checked_iter(value))
         return func(target, value)
 

@@ -21,6 +21,10 @@ Network = Literal["none", "outbound"]
 # objects (os, sys, io, pickle, marshal, importlib, inspect, gc, ctypes, operator, functools,
 # typing: get_type_hints evaluates strings) stays out. Reaching a module through an attribute
 # of an allowed one is refused by the attribute guard unless that module is listed here too.
+# dataclasses stays out as well: asdict/astuple/replace/fields and the generated methods read
+# fields with the real getattr, and make_dataclass takes "_"-names as fields, so it reads any
+# private attribute (and asdict's deepcopy runs __reduce_ex__ from a stdlib frame). Without
+# annotations (RestrictedPython refuses them) make_dataclass was its only use anyway.
 STDLIB_ALLOWLIST: frozenset[str] = frozenset(
     {
         "base64",
@@ -29,7 +33,6 @@ STDLIB_ALLOWLIST: frozenset[str] = frozenset(
         "calendar",
         "cmath",
         "collections",
-        "dataclasses",
         "datetime",
         "decimal",
         "difflib",
@@ -82,9 +85,12 @@ DENIED_MODULE_ATTRIBUTES: frozenset[tuple[str, str]] = frozenset(
         ("logging", "setLoggerClass"),
         ("logging", "config"),
         ("logging", "handlers"),
-        # types.GenericAlias forwards every attribute read to any object it wraps, so the
-        # guards' checks on the kind of object (module, frame, str...) would see the alias.
-        ("dataclasses", "GenericAlias"),
+        # UserDict.copy() runs copy.copy(), whose __reduce_ex__ protocol calls what a user
+        # class returns and then sets any attribute, private ones too, on any object.
+        ("collections", "UserDict"),
+        # Enum's functional API compares the members a user passes (any dunder) with
+        # object.__reduce_ex__, __format__, __new__... handing those to a user __eq__.
+        ("uuid", "Enum"),
     }
 )
 

@@ -253,9 +253,10 @@ class Worker:
 
 def _text(exc: BaseException) -> str:
     try:
-        return str(exc)[:MAX_MESSAGE_CHARS]
-    except Exception:
+        text = str(exc)
+    except BaseException:  # a str() that raises anything still yields a message
         return "<unprintable error>"
+    return text[:MAX_MESSAGE_CHARS] if type(text) is str else "<unprintable error>"
 
 
 __all__ = ["INIT_FILE", "Worker"]
