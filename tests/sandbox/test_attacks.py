@@ -1116,12 +1116,6 @@ COMPILE_ATTACKS: list[Attack] = [
 
 
 @pytest.fixture(scope="module")
-def attack_pool() -> Iterator[WorkerPool]:
-    with WorkerPool() as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
 def database_file() -> Iterator[str]:
     """A file the host owns that any uid could read: only the sandbox stands in the way."""
     root = Path(tempfile.mkdtemp(prefix="chatfn-attack-db-"))
@@ -1171,37 +1165,33 @@ def assert_still_serves(pool: WorkerPool, d: Deployment) -> None:
 
 
 @pytest.mark.parametrize("case", params(RUNTIME_ATTACKS))
-def test_runtime_attack_is_refused(
-    attack_pool: WorkerPool, database_file: str, case: Attack
-) -> None:
+def test_runtime_attack_is_refused(pool: WorkerPool, database_file: str, case: Attack) -> None:
     event: dict[str, Any] = {**EVENT, "database": database_file}
-    result = attack_pool.invoke(SHARED, f"attack_{case.id}", event)
+    result = pool.invoke(SHARED, f"attack_{case.id}", event)
     assert_failed_as(result, case, set(SHARED.files))
     assert "secret-token" not in f"{result.value!r}{result.logs}"
-    assert_still_serves(attack_pool, SHARED)
+    assert_still_serves(pool, SHARED)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", params(TIMEOUT_ATTACKS))
-def test_runaway_handler_times_out(attack_pool: WorkerPool, case: Attack) -> None:
-    result = attack_pool.invoke(SLOW, f"attack_{case.id}", EVENT)
+def test_runaway_handler_times_out(pool: WorkerPool, case: Attack) -> None:
+    result = pool.invoke(SLOW, f"attack_{case.id}", EVENT)
     assert_failed_as(result, case, set(SLOW.files))
     assert result.duration_ms < TIMEOUT_LIMITS.timeout_ms + 2000
-    assert_still_serves(attack_pool, SLOW)
+    assert_still_serves(pool, SLOW)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", params(CPU_ATTACKS))
-def test_cpu_burn_hits_the_cpu_limit(attack_pool: WorkerPool, case: Attack) -> None:
-    result = attack_pool.invoke(CPU, f"attack_{case.id}", EVENT)
+def test_cpu_burn_hits_the_cpu_limit(pool: WorkerPool, case: Attack) -> None:
+    result = pool.invoke(CPU, f"attack_{case.id}", EVENT)
     assert_failed_as(result, case, set(CPU.files))
-    assert_still_serves(attack_pool, CPU)
+    assert_still_serves(pool, CPU)
 
 
 @pytest.mark.parametrize("case", params(COMPILE_ATTACKS))
-def test_compile_time_attack_is_rejected_with_file_and_line(
-    attack_pool: WorkerPool, case: Attack
-) -> None:
+def test_compile_time_attack_is_rejected_with_file_and_line(pool: WorkerPool, case: Attack) -> None:
     filename = f"attack_{case.id}.py"
     marked = [n for n, line in enumerate(case.source.splitlines(), 1) if "# <-" in line]
     with pytest.raises(DeployRejected) as caught:
@@ -1213,7 +1203,7 @@ def test_compile_time_attack_is_rejected_with_file_and_line(
     for error in errors:
         for host_path in HOST_PATHS:
             assert host_path not in error["message"]
-    assert_still_serves(attack_pool, SHARED)
+    assert_still_serves(pool, SHARED)
 
 
 @pytest.fixture(scope="module")
@@ -1272,18 +1262,18 @@ FORMATTER_VIA_DEPENDENCY = [
 
 @pytest.mark.parametrize("case", params(FORMATTER_VIA_DEPENDENCY))
 def test_formatter_reexported_by_a_dependency_is_refused(
-    attack_pool: WorkerPool, reexporting_dependency: Path, case: Attack
+    pool: WorkerPool, reexporting_dependency: Path, case: Attack
 ) -> None:
     policy = Policy().with_modules(["textkit"], paths=[str(reexporting_dependency)])
     files = {"ok.py": OK, **{f"attack_{a.id}.py": a.source for a in FORMATTER_VIA_DEPENDENCY}}
     d = Deployment(app="attacks-deps", version=1, files=files, policy=policy)
-    result = attack_pool.invoke(d, f"attack_{case.id}", EVENT)
+    result = pool.invoke(d, f"attack_{case.id}", EVENT)
     assert_failed_as(result, case, set(files))
-    assert_still_serves(attack_pool, d)
+    assert_still_serves(pool, d)
 
 
 def test_formatter_subclass_from_a_dependency_keeps_its_harmless_methods(
-    attack_pool: WorkerPool, reexporting_dependency: Path
+    pool: WorkerPool, reexporting_dependency: Path
 ) -> None:
     # Control for the cases above: subclassing and super() are fine; only the methods that
     # walk attribute paths are refused.
@@ -1297,7 +1287,7 @@ def test_formatter_subclass_from_a_dependency_keeps_its_harmless_methods(
         "import textkit",
     )
     d = Deployment(app="attacks-deps-control", version=1, files={"h.py": source}, policy=policy)
-    result = attack_pool.invoke(d, "h", EVENT)
+    result = pool.invoke(d, "h", EVENT)
     assert result.ok, (result.error, result.logs)
     assert result.value == ["A", "5"]
 
@@ -1311,14 +1301,14 @@ def test_json_tool_is_refused_before_it_is_imported() -> None:
     assert not guards.violations  # an ImportError the handler may catch, like any other
 
 
-def test_rejected_deployment_is_not_served(attack_pool: WorkerPool) -> None:
+def test_rejected_deployment_is_not_served(pool: WorkerPool) -> None:
     bad = Deployment(app="attacks-rejected", version=2, files={"h.py": COMPILE_ATTACKS[0].source})
-    result = attack_pool.invoke(bad, "h", EVENT)
+    result = pool.invoke(bad, "h", EVENT)
     assert result.error is not None and result.error.code == "deploy_rejected"
-    assert_still_serves(attack_pool, SHARED)
+    assert_still_serves(pool, SHARED)
 
 
-def test_stdout_flood_is_capped_without_growing_the_host(attack_pool: WorkerPool) -> None:
+def test_stdout_flood_is_capped_without_growing_the_host(pool: WorkerPool) -> None:
     # Printing is allowed, so this invocation succeeds: the defence is that the log is a
     # fixed-size shared buffer (Limits.log_bytes) the worker appends to and the host reads
     # once, so 100 MiB of prints (and as much again through context.log) cost the host
@@ -1341,14 +1331,14 @@ def test_stdout_flood_is_capped_without_growing_the_host(attack_pool: WorkerPool
         limits=Limits(timeout_ms=10_000),
     )
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = attack_pool.invoke(flood, "flood", EVENT)
+    result = pool.invoke(flood, "flood", EVENT)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib
     assert result.ok and result.value == "done", result.error
     assert result.logs_truncated
     assert 60 * 1024 < len(result.logs.encode()) <= Limits().log_bytes
     assert set(result.logs) <= {"A", "\n"}
     assert grown_kib < 32 * 1024
-    assert_still_serves(attack_pool, flood)
+    assert_still_serves(pool, flood)
 
 
 # ---- controls: the preparations of the attacks above are not refused on their own -------
@@ -1420,11 +1410,11 @@ CONTROLS = {
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))
-def test_attack_preparation_alone_succeeds(attack_pool: WorkerPool, name: str) -> None:
+def test_attack_preparation_alone_succeeds(pool: WorkerPool, name: str) -> None:
     expected = CONTROLS[name][1]
     files = {f"{n}.py": s for n, (s, _) in CONTROLS.items()}
     d = Deployment(app="attacks-controls", version=1, files=files)
-    result = attack_pool.invoke(d, name, EVENT)
+    result = pool.invoke(d, name, EVENT)
     assert result.ok, (result.error, result.logs)
     assert result.value == expected
 
