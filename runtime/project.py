@@ -1,55 +1,85 @@
-"""Reading a function project directory (DESIGN section 2) into a sandbox Deployment."""
+"""A function project (DESIGN section 2): its code files, manifest and dependency files,
+read from a directory into plain data that can be stored and deployed."""
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.events import EVENTS
-from sandbox import Deployment, Limits, PolicyError
+from sandbox import Limits, PolicyError
 from sandbox.compiler import INIT_FILE
 from sandbox.errors import InvalidRequest
 
 MANIFEST = "chatfn.toml"
-_CODE_FILES = {INIT_FILE} | {e.filename for e in EVENTS}
+REQUIREMENTS = "requirements.in"
+LOCK = "requirements.txt"
+CODE_FILES = frozenset({INIT_FILE} | {e.filename for e in EVENTS})
+MAX_FILE_BYTES = 1024 * 1024
 
 
-def read_project(directory: str | Path) -> tuple[dict[str, str], Limits]:
-    """The project's code files and runtime limits; InvalidRequest naming any problem."""
+@dataclass(frozen=True)
+class Project:
+    """What a deployment is made of; ``files`` maps code file names to source."""
+
+    files: dict[str, str]
+    manifest: str | None = None
+    requirements: str | None = None
+    lock: str | None = None
+    handlers: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in self.files:
+            if name not in CODE_FILES:
+                known = ", ".join(sorted(CODE_FILES))
+                raise InvalidRequest(f"{name} is not an event handler or init.py (known: {known})")
+        stems = frozenset(n.removesuffix(".py") for n in self.files if n != INIT_FILE)
+        if not stems:
+            raise InvalidRequest("the project has no event handler files")
+        object.__setattr__(self, "handlers", stems)
+
+    def limits(self) -> Limits:
+        """The ``[runtime]`` limits of chatfn.toml; InvalidRequest naming the bad key."""
+        if self.manifest is None:
+            return Limits()
+        try:
+            data = tomllib.loads(self.manifest)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidRequest(f"{MANIFEST}: {exc}") from None
+        runtime = data.get("runtime", {})
+        if not isinstance(runtime, dict):
+            raise InvalidRequest(f"{MANIFEST}: [runtime] must be a table")
+        try:
+            return Limits.from_mapping(runtime)
+        except (PolicyError, TypeError) as exc:
+            raise InvalidRequest(f"{MANIFEST}: {exc}") from None
+
+
+def read_project(directory: str | Path) -> Project:
+    """Read a project directory; InvalidRequest naming the first problem."""
     root = Path(directory)
     if not root.is_dir():
         raise InvalidRequest(f"{root} is not a directory")
-    files: dict[str, str] = {}
-    for path in sorted(root.glob("*.py")):
-        if path.name not in _CODE_FILES:
-            known = ", ".join(sorted(_CODE_FILES))
-            raise InvalidRequest(f"{path.name} is not an event handler or init.py (known: {known})")
-        try:
-            files[path.name] = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest(f"{path.name} is not valid UTF-8") from None
-    if not any(name != INIT_FILE for name in files):
-        raise InvalidRequest(f"{root} has no event handler files")
-    return files, read_limits(root)
+    files = {path.name: _read(path) for path in sorted(root.glob("*.py"))}
+    project = Project(
+        files=files,
+        manifest=_read_optional(root / MANIFEST),
+        requirements=_read_optional(root / REQUIREMENTS),
+        lock=_read_optional(root / LOCK),
+    )
+    project.limits()  # a bad manifest is reported before anything is stored
+    return project
 
 
-def read_limits(root: Path) -> Limits:
-    manifest = root / MANIFEST
-    if not manifest.exists():
-        return Limits()
+def _read(path: Path) -> str:
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise InvalidRequest(f"{path.name} is larger than {MAX_FILE_BYTES // 1024} KiB")
     try:
-        data = tomllib.loads(manifest.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidRequest(f"{MANIFEST}: {exc}") from None
-    runtime = data.get("runtime", {})
-    if not isinstance(runtime, dict):
-        raise InvalidRequest(f"{MANIFEST}: [runtime] must be a table")
-    try:
-        return Limits.from_mapping(runtime)
-    except (PolicyError, TypeError) as exc:
-        raise InvalidRequest(f"{MANIFEST}: {exc}") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{path.name} is not valid UTF-8") from None
 
 
-def load_deployment(directory: str | Path, app: str = "local", version: int = 1) -> Deployment:
-    files, limits = read_project(directory)
-    return Deployment(app=app, version=version, files=files, limits=limits)
+def _read_optional(path: Path) -> str | None:
+    return _read(path) if path.is_file() else None

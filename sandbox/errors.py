@@ -21,6 +21,8 @@ code can ``except`` them; ``to_dict``/``from_dict`` are the only way they travel
      +-- NotDeployed                 not_deployed       no active deployment / no such handler
      +-- SessionActive               session_active     a second start on one connection
      +-- DeployRejected              deploy_rejected    compile or init errors at upload
+     +-- NotFound                    not_found          no such app, deployment version or
+                                                         active session
 
 ``message`` is safe to show to whoever made the request; ``detail`` (a user traceback) is
 for the invocation log only and is never part of ``to_dict``.
@@ -115,6 +117,23 @@ class SessionActive(ChatfnError):
 class DeployRejected(ChatfnError):
     code = "deploy_rejected"
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail)
+        # Every problem found, each {"file", "line", "message"}.
+        self.errors: list[dict[str, Any]] = errors or [
+            {"file": None, "line": None, "message": message}
+        ]
+
+
+class NotFound(ChatfnError):
+    code = "not_found"
+
 
 ERRORS_BY_CODE: dict[str, type[ChatfnError]] = {
     cls.code: cls
@@ -132,5 +151,6 @@ ERRORS_BY_CODE: dict[str, type[ChatfnError]] = {
         NotDeployed,
         SessionActive,
         DeployRejected,
+        NotFound,
     )
 }

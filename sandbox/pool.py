@@ -92,9 +92,7 @@ def validate(deployment: Deployment) -> CompiledProject:
 
 
 def rejected(errors: list[SourceError]) -> DeployRejected:
-    exc = DeployRejected("; ".join(str(e) for e in errors))
-    exc.errors = [e.to_dict() for e in errors]  # type: ignore[attr-defined]
-    return exc
+    return DeployRejected("; ".join(str(e) for e in errors), errors=[e.to_dict() for e in errors])
 
 
 class DeploymentPool:
@@ -127,13 +125,20 @@ class DeploymentPool:
                 self._total += 1
             self._release(self._spawn_counted())
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop taking invocations; give busy workers up to ``wait_s`` to finish (stopping
+        the template kills its workers), then stop everything."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            self._total -= len(idle)
             self._cond.notify_all()
         for worker in idle:
             self.zygote.reap(worker)
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while self._total > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
         self.housekeep()
         self.zygote.stop()
 
@@ -188,6 +193,7 @@ class DeploymentPool:
                 self._cond.notify()
                 return
             self._total -= 1
+            self._cond.notify_all()
         self.zygote.reap(worker)
 
     def _discard(self, worker: WorkerHandle) -> None:
@@ -412,11 +418,19 @@ class WorkerPool:
             handler, event, capabilities=capabilities or {}, invocation_id=invocation_id
         )
 
-    def retire(self, key: tuple[str, int]) -> None:
+    def retire(self, key: tuple[str, int], *, grace_s: float = 0.0) -> None:
+        """Stop a deployment's pool. With ``grace_s``, in-flight invocations get that long
+        to finish, on a background thread, so the caller does not wait."""
         with self._lock:
             pool = self._pools.pop(key, None)
-        if pool is not None:
+        if pool is None:
+            return
+        if grace_s <= 0:
             pool.close()
+            return
+        threading.Thread(
+            target=pool.close, args=(grace_s,), name=f"chatfn-retire-{key[0]}", daemon=True
+        ).start()
 
     def pools(self) -> dict[tuple[str, int], DeploymentPool]:
         with self._lock:

@@ -22,7 +22,7 @@ def test_example_accepts_the_right_password_and_creates_the_user() -> None:
         {"username": "alice", "auth_params": {"password": "pw"}},
         secrets={"DEMO_PASSWORD": "pw"},
     )
-    assert result.ok and result.value == {"welcome": "alice"}
+    assert result.succeeded and result.result == {"welcome": "alice"}
     assert "created user alice" in result.logs
 
 
@@ -41,7 +41,7 @@ def test_example_does_not_recreate_an_existing_user() -> None:
     result = invoke_project(
         EXAMPLE, "UserAttemptedStartSession", {"username": "bob"}, users=["bob"]
     )
-    assert result.ok and "created" not in result.logs
+    assert result.succeeded and "created" not in result.logs
 
 
 @pytest.mark.parametrize(

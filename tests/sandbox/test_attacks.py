@@ -1196,7 +1196,7 @@ def test_compile_time_attack_is_rejected_with_file_and_line(pool: WorkerPool, ca
     marked = [n for n, line in enumerate(case.source.splitlines(), 1) if "# <-" in line]
     with pytest.raises(DeployRejected) as caught:
         validate(Deployment(app="attacks-rejected", version=1, files={filename: case.source}))
-    errors: list[dict[str, Any]] = caught.value.errors  # type: ignore[attr-defined]
+    errors: list[dict[str, Any]] = caught.value.errors
     assert errors, case.id
     assert {e["file"] for e in errors} == {filename}
     assert marked and errors[0]["line"] == marked[0], errors

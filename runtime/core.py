@@ -1,0 +1,395 @@
+"""The runtime: apps on a database, their deployments on a worker pool, and invocations.
+
+This is the blocking core. ``runtime.embed`` is the async face of the same objects, and the
+pytest plugin, the CLI and the server all go through here. Thread-safe.
+
+Flow of one invocation (``App.invoke``, and the hooks inside ``start_session``):
+    validate payload -> read app state (settings, active version) -> cached Deployment ->
+    WorkerPool.invoke with this app's host calls -> redact -> store in the invocation log
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from runtime import sessions
+from runtime.db import Database
+from runtime.deployments import DeploymentInfo, Deployments
+from runtime.events import EventType, resolve
+from runtime.invocations import Invocation, from_result, get_invocation, list_invocations, store
+from runtime.models import AppRow, DeploymentRow
+from runtime.project import Project, read_project
+from runtime.secrets import Secrets
+from runtime.users import Users
+from runtime.validation import check_app_name, check_guest_users
+from sandbox import ChatfnError, Deployment, WorkerPool, validate
+from sandbox.errors import DeployRejected, InvalidRequest, NotDeployed, NotFound
+
+log = logging.getLogger("chatfn.runtime")
+
+DEFAULT_APP = "default"
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What one invocation needs to know about its app, read in one query."""
+
+    guest_users: str
+    version: int | None
+
+
+class App:
+    """One app: its settings, users, secrets, deployments, sessions and invocations."""
+
+    def __init__(self, runtime: Runtime, app_id: int, name: str) -> None:
+        self.runtime = runtime
+        self.id = app_id
+        self.name = name
+        self.users = Users(runtime.db, app_id)
+        self.secrets = Secrets(runtime.db, app_id)
+        self.deployments = Deployments(runtime.db, app_id)
+        self._capabilities: dict[str, Callable[..., Any]] = {
+            **self.users.capabilities(),
+            "secrets.all": self.secrets.values,
+        }
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return {"guest_users": self.state().guest_users}
+
+    def update_settings(self, *, guest_users: str | None = None) -> dict[str, Any]:
+        if guest_users is not None:
+            check_guest_users(guest_users)
+            with self.runtime.db.session() as s:
+                s.execute(
+                    update(AppRow).where(AppRow.id == self.id).values(guest_users=guest_users)
+                )
+        return self.settings()
+
+    def state(self) -> AppState:
+        query = (
+            select(AppRow.guest_users, DeploymentRow.version)
+            .outerjoin(
+                DeploymentRow,
+                and_(DeploymentRow.app_id == AppRow.id, DeploymentRow.status == "active"),
+            )
+            .where(AppRow.id == self.id)
+        )
+        with self.runtime.db.session() as s:
+            row = s.execute(query).one_or_none()
+        if row is None:
+            raise NotFound(f"app {self.name!r} no longer exists")
+        return AppState(guest_users=row[0], version=row[1])
+
+    # -- deployments ------------------------------------------------------------------------
+
+    def deploy(self, source: str | Path | Project) -> DeploymentInfo:
+        """Deploy a project directory (or a Project): compile every file, boot it, and make
+        it the active version. On any error the version is stored as failed with every
+        error, DeployRejected is raised, and the previous version stays active."""
+        project = source if isinstance(source, Project) else read_project(source)
+        limits = project.limits()
+        version = self.deployments.create(project)
+        deployment = Deployment(self.name, version, dict(project.files), limits)
+        try:
+            validate(deployment)
+            self.runtime.pool.prepare(deployment)
+        except DeployRejected as exc:
+            self.deployments.fail(version, exc.errors)
+            raise
+        except ChatfnError as exc:
+            self.deployments.fail(version, [{"file": None, "line": None, "message": exc.message}])
+            raise DeployRejected(f"version {version} failed to start: {exc.message}") from None
+        self.deployments.built(version)
+        self.runtime.remember(deployment, self.id)
+        return self.activate(version)
+
+    def activate(self, version: int) -> DeploymentInfo:
+        """Make a version that built the active one (a rollback, for an older version)."""
+        info = self.deployments.get(version)
+        if info.status == "active":
+            return info
+        if info.status in ("inactive",):
+            # Boot it before switching, so a version that no longer starts never goes live.
+            self.runtime.pool.prepare(self.runtime.deployment(self, version))
+        info = self.deployments.activate(version)
+        self.runtime.went_live(self.name, version)
+        return info
+
+    # -- invocations ------------------------------------------------------------------------
+
+    def invoke(self, event_type: str, payload: Any) -> Invocation:
+        """Run one handler with ``payload``; a failed Invocation (never an exception) for
+        bad input, a missing handler, or anything the handler does."""
+        try:
+            event = resolve(event_type)
+            data = event.validate(payload)
+            state = self.state()
+        except ChatfnError as exc:
+            return self.runtime.not_run(self.name, event_type, exc)
+        if not self.has_handler(state, event):
+            return self.runtime.not_run(
+                self.name, event.name, NotDeployed(f"no {event.name} function is deployed")
+            )
+        return self.run(event, data, state)
+
+    def has_handler(self, state: AppState, event: EventType) -> bool:
+        if state.version is None:
+            return False
+        return event.filename in self.runtime.deployment(self, state.version).files
+
+    def run(self, event: EventType, data: dict[str, Any], state: AppState) -> Invocation:
+        """Invoke the active version's handler for ``event`` and record the invocation."""
+        assert state.version is not None
+        invocation_id = uuid.uuid4().hex
+        payload = {**data, "type": event.name, "id": uuid.uuid4().hex}
+        deployment = self.runtime.deployment(self, state.version)
+        self.runtime.went_live(self.name, state.version)
+        result = self.runtime.pool.invoke(
+            deployment,
+            event.stem,
+            payload,
+            capabilities=self._capabilities,
+            invocation_id=invocation_id,
+        )
+        if result.error is not None and result.error.code == "not_deployed":
+            # The version was retired between reading the state and invoking: once more.
+            fresh = self.state()
+            if fresh.version is not None and fresh.version != state.version:
+                return self.run(event, data, fresh)
+        secrets = self.secrets.values() if (result.logs or result.error) else {}
+        invocation = from_result(
+            self.name, event.name, state.version, result, secrets, deployment.limits.log_bytes
+        )
+        with self.runtime.db.session() as s:
+            store(s, self.id, invocation)
+        return invocation
+
+    def run_in_background(self, event: EventType, data: dict[str, Any]) -> None:
+        """Run a non-blocking event's handler later, if one is deployed."""
+
+        def task() -> None:
+            state = self.state()
+            if self.has_handler(state, event):
+                invocation = self.run(event, data, state)
+                if invocation.failed and invocation.error is not None:
+                    log.info(
+                        "%s %s failed: %s (invocation %s)",
+                        self.name,
+                        event.name,
+                        invocation.error.code,
+                        invocation.id,
+                    )
+
+        self.runtime.background(task)
+
+    def invocations(
+        self, *, limit: int = 50, event: str | None = None, status: str | None = None
+    ) -> list[Invocation]:
+        event_name = resolve(event).name if event is not None else None
+        return list_invocations(
+            self.runtime.db, self.id, self.name, limit=limit, event=event_name, status=status
+        )
+
+    def invocation(self, invocation_id: str) -> Invocation:
+        found = get_invocation(self.runtime.db, self.id, self.name, invocation_id)
+        if found is None:
+            raise NotFound(f"no invocation {invocation_id!r}")
+        return found
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def start_session(
+        self, username: Any, auth_params: Any = None, *, connection_id: str | None = None
+    ) -> sessions.SessionResult:
+        return sessions.start_session(self, username, auth_params, connection_id=connection_id)
+
+    def end_session(self, session_id: str, reason: str = "ended") -> dict[str, Any]:
+        return sessions.end_session(self, session_id, reason)
+
+    def connect(self) -> sessions.Connection:
+        """A connection: at most one active session at a time; closing it ends that session
+        with reason ``disconnected``."""
+        return sessions.Connection(self)
+
+    def sessions(self, *, active: bool = True, limit: int = 100) -> list[dict[str, Any]]:
+        return sessions.list_sessions(self, active=active, limit=limit)
+
+
+class Runtime:
+    """Apps on one database, run on one worker pool. ``close()`` when done."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        pool: WorkerPool | None = None,
+        background_workers: int = 4,
+    ) -> None:
+        self.db = Database(database_url)
+        self.db.migrate()
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else WorkerPool()
+        self._lock = threading.Lock()
+        self._apps: dict[str, App] = {}
+        self._deployments: dict[tuple[int, int], Deployment] = {}
+        self._live: dict[str, int] = {}
+        self._background = concurrent.futures.ThreadPoolExecutor(
+            max_workers=background_workers, thread_name_prefix="chatfn-background"
+        )
+        self._pending: set[concurrent.futures.Future[None]] = set()
+        self._closed = False
+
+    # -- apps -------------------------------------------------------------------------------
+
+    def create_app(self, name: str, *, guest_users: str = "enabled") -> App:
+        check_app_name(name)
+        check_guest_users(guest_users)
+        try:
+            with self.db.session() as s:
+                row = AppRow(name=name, guest_users=guest_users)
+                s.add(row)
+                s.flush()
+                app_id = row.id
+        except IntegrityError:
+            raise InvalidRequest(f"an app named {name!r} already exists") from None
+        return self._remember_app(app_id, name)
+
+    def app(self, name: str) -> App:
+        with self._lock:
+            cached = self._apps.get(name)
+        if cached is not None:
+            return cached
+        check_app_name(name)
+        with self.db.session() as s:
+            app_id = s.scalar(select(AppRow.id).where(AppRow.name == name))
+        if app_id is None:
+            raise NotFound(f"no app named {name!r}")
+        return self._remember_app(app_id, name)
+
+    def ensure_app(self, name: str = DEFAULT_APP) -> App:
+        """The app named ``name``, created (guests enabled) if it does not exist."""
+        try:
+            return self.app(name)
+        except NotFound:
+            pass
+        try:
+            return self.create_app(name)
+        except InvalidRequest:  # created concurrently
+            return self.app(name)
+
+    def apps(self) -> list[str]:
+        with self.db.session() as s:
+            return list(s.scalars(select(AppRow.name).order_by(AppRow.name)))
+
+    def _remember_app(self, app_id: int, name: str) -> App:
+        with self._lock:
+            app = self._apps.get(name)
+            if app is None or app.id != app_id:
+                app = self._apps[name] = App(self, app_id, name)
+            return app
+
+    # -- deployments on the pool ------------------------------------------------------------
+
+    def deployment(self, app: App, version: int) -> Deployment:
+        """The sandbox Deployment of a stored version (versions never change: cached)."""
+        key = (app.id, version)
+        with self._lock:
+            cached = self._deployments.get(key)
+        if cached is not None:
+            return cached
+        project = app.deployments.project(version)
+        deployment = Deployment(app.name, version, dict(project.files), project.limits())
+        return self.remember(deployment, app.id)
+
+    def remember(self, deployment: Deployment, app_id: int | None = None) -> Deployment:
+        if app_id is None:
+            app_id = self.app(deployment.app).id
+        with self._lock:
+            return self._deployments.setdefault((app_id, deployment.version), deployment)
+
+    def went_live(self, app: str, version: int) -> None:
+        """Note ``version`` as the app's live one; the first time, retire the workers of
+        its other versions, letting in-flight invocations finish."""
+        with self._lock:
+            if self._live.get(app) == version:
+                return
+            self._live[app] = version
+        for (name, v), pool in self.pool.pools().items():
+            if name == app and v != version:
+                self.pool.retire((name, v), grace_s=pool.limits.timeout_ms / 1000 + 1)
+
+    def retire_app(self, app: str) -> None:
+        """Stop every worker of ``app`` now (its next invocation boots them again)."""
+        with self._lock:
+            self._live.pop(app, None)
+        for name, version in self.pool.pools():
+            if name == app:
+                self.pool.retire((name, version))
+
+    def not_run(self, app: str, event: str, error: ChatfnError) -> Invocation:
+        """An invocation that failed before reaching a handler (not stored)."""
+        return Invocation(
+            id=uuid.uuid4().hex,
+            app=app,
+            event=event,
+            deployment_version=None,
+            status="failed",
+            duration_ms=0.0,
+            error=error,
+            logs="",
+            logs_truncated=False,
+            created_at=datetime.datetime.now(datetime.UTC),
+        )
+
+    # -- background work --------------------------------------------------------------------
+
+    def background(self, task: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                task()
+            except Exception as exc:  # a background hook never takes anything down
+                log.warning("background invocation failed: %s", type(exc).__name__)
+
+        with self._lock:
+            if self._closed:
+                return
+            future = self._background.submit(guarded)
+            self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    def drain(self, timeout: float | None = 30.0) -> None:
+        """Wait for background invocations (UserStartedSession, UserEndedSession)."""
+        with self._lock:
+            pending = list(self._pending)
+        concurrent.futures.wait(pending, timeout=timeout)
+
+    def close(self) -> None:
+        self.drain()
+        with self._lock:
+            self._closed = True
+        self._background.shutdown(wait=True)
+        if self._own_pool:
+            self.pool.close()
+        self.db.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

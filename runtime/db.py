@@ -1,0 +1,126 @@
+"""The database: where it is, how to connect, and bringing its schema up to date.
+
+SQLite (a file in the data directory) is the default; ``CHATFN_DATABASE_URL`` points
+elsewhere. Everything above this module speaks SQLAlchemy and works on either.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sandbox.errors import InvalidRequest
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def data_dir() -> Path:
+    """``CHATFN_DATA_DIR``, else ``$XDG_DATA_HOME/chatfn`` (``~/.local/share/chatfn``)."""
+    explicit = os.environ.get("CHATFN_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "chatfn"
+
+
+def database_url(url: str | None = None) -> str:
+    """The URL to use: the argument, ``CHATFN_DATABASE_URL``, or the SQLite default."""
+    if url:
+        return url
+    env = os.environ.get("CHATFN_DATABASE_URL")
+    if env:
+        return env
+    return f"sqlite:///{data_dir() / 'chatfn.db'}"
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+class Database:
+    """An engine, a session factory, and the migration step."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = database_url(url)
+        try:
+            parsed = make_url(self.url)
+        except ArgumentError:
+            raise InvalidRequest("CHATFN_DATABASE_URL is not a valid database URL") from None
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            path = parsed.database
+            if not path or path == ":memory:":
+                raise InvalidRequest("chatfn needs a SQLite file, not an in-memory database")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(parsed, **kwargs)
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (a no-op when it already is)."""
+        config = alembic_config()
+        with self.engine.begin() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+            head = ScriptDirectory.from_config(config).get_current_head()
+            if current == head:
+                return
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, enforced foreign keys, and write transactions that wait for the lock.
+
+    pysqlite's own transaction handling starts transactions lazily and deferred, and a
+    deferred transaction that reads and then writes fails at once with "database is locked"
+    when another writer got there first. Taking the write lock at BEGIN (IMMEDIATE) makes
+    concurrent writers queue on ``busy_timeout`` instead.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,70 @@
+"""One app's secrets, and the redaction that keeps their values out of every log and error.
+
+Values are write-only from outside: they go to handlers (``context.secrets``) and to
+``redact``; no API returns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from runtime.db import Database
+from runtime.models import SecretRow, utcnow
+from runtime.validation import check_secret_name, check_secret_value
+from sandbox.errors import NotFound
+
+
+class Secrets:
+    def __init__(self, db: Database, app_id: int) -> None:
+        self._db = db
+        self._app_id = app_id
+
+    def set(self, name: str, value: str) -> None:
+        check_secret_name(name)
+        check_secret_value(value)
+        with self._db.session() as s:
+            row = s.get(SecretRow, (self._app_id, name))
+            if row is None:
+                s.add(SecretRow(app_id=self._app_id, name=name, value=value))
+            else:
+                row.value, row.updated_at = value, utcnow()
+
+    def delete(self, name: str) -> None:
+        check_secret_name(name)
+        with self._db.session() as s:
+            gone = s.execute(
+                delete(SecretRow).where(SecretRow.app_id == self._app_id, SecretRow.name == name)
+            )
+            if not gone.rowcount:  # type: ignore[attr-defined]
+                raise NotFound(f"no secret named {name!r}")
+
+    def names(self) -> list[dict[str, Any]]:
+        """Each secret's name and when it was last set; never the value."""
+        with self._db.session() as s:
+            rows = s.execute(
+                select(SecretRow.name, SecretRow.updated_at)
+                .where(SecretRow.app_id == self._app_id)
+                .order_by(SecretRow.name)
+            )
+            return [{"name": n, "updated_at": t.isoformat()} for n, t in rows]
+
+    def values(self) -> dict[str, str]:
+        """Name -> value: for ``context.secrets`` and for ``redact`` only."""
+        with self._db.session() as s:
+            rows = s.execute(
+                select(SecretRow.name, SecretRow.value).where(SecretRow.app_id == self._app_id)
+            )
+            return {n: v for n, v in rows}
+
+
+def redact(text: str, secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:
+    """``text`` with every secret value replaced by ``[secret NAME]``, longest value first
+    so that a value containing another is replaced whole."""
+    pairs = secrets.items() if isinstance(secrets, Mapping) else secrets
+    for name, value in sorted(pairs, key=lambda p: -len(p[1])):
+        if value and value in text:
+            text = text.replace(value, f"[secret {name}]")
+    return text

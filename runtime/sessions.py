@@ -1,0 +1,249 @@
+"""Starting and ending chat sessions (DESIGN section 6).
+
+``start_session``:
+    1. validate username and auth_params                      -> invalid_request
+    2. a UserAttemptedStartSession handler deployed? run it    -> its error, if it fails
+       none deployed and guest users disabled                  -> access_denied
+    3. the user must exist; if not: guests enabled -> create a guest user,
+       disabled                                                 -> user_not_found
+    4. store the session; run UserStartedSession in the background
+
+What reaches the client: ``SessionRejected``'s message (secrets redacted); for any other
+failure of the handler a generic message with the invocation id. Details stay in the
+invocation log.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from runtime.events import resolve
+from runtime.invocations import Invocation
+from runtime.models import SessionRow, UserRow, utcnow
+from runtime.users import find_user, user_dict
+from runtime.validation import check_auth_params, check_name
+from sandbox.errors import (
+    AccessDenied,
+    ChatfnError,
+    FunctionError,
+    InvalidRequest,
+    NotFound,
+    SessionActive,
+    UserNotFound,
+)
+
+if TYPE_CHECKING:
+    from runtime.core import App
+
+ATTEMPTED = resolve("UserAttemptedStartSession")
+STARTED = resolve("UserStartedSession")
+ENDED = resolve("UserEndedSession")
+END_REASONS = ("ended", "disconnected")
+
+# Failures of the handler whose sandbox message is written by the host, safe to pass on.
+_HOST_WORDED = frozenset({"timeout", "resource_limit", "worker_crashed", "overloaded"})
+
+
+@dataclass(frozen=True)
+class SessionResult:
+    """As ChatKitty's SDK: ``succeeded``/``failed``, ``session`` or ``error``. ``invocation``
+    is the UserAttemptedStartSession run, when there was one."""
+
+    session: dict[str, Any] | None = None
+    error: ChatfnError | None = None
+    invocation: Invocation | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+def client_error(invocation: Invocation) -> ChatfnError:
+    """The error a client sees when the handler failed: never a traceback or secret."""
+    error = invocation.error
+    assert error is not None
+    if error.code == "access_denied":
+        return AccessDenied(error.message or "Session rejected")  # redacted already
+    ref = f"(invocation {invocation.id})"
+    if error.code in _HOST_WORDED:
+        return ChatfnError.from_dict({"code": error.code, "message": f"{error.message} {ref}"})
+    if error.code == "function_error":
+        return FunctionError(f"the session function failed {ref}")
+    return ChatfnError.from_dict(
+        {"code": error.code, "message": f"the session function was stopped: {error.code} {ref}"}
+    )
+
+
+def start_session(
+    app: App, username: Any, auth_params: Any = None, *, connection_id: str | None = None
+) -> SessionResult:
+    try:
+        check_name(username)
+        params = check_auth_params(auth_params)
+        state = app.state()
+    except ChatfnError as exc:
+        return SessionResult(error=exc)
+
+    invocation = None
+    if app.has_handler(state, ATTEMPTED):
+        invocation = app.run(ATTEMPTED, {"username": username, "auth_params": params}, state)
+        if invocation.failed:
+            return SessionResult(error=client_error(invocation), invocation=invocation)
+    elif state.guest_users == "disabled":
+        return SessionResult(
+            error=AccessDenied(
+                "guest users are disabled and no UserAttemptedStartSession function is deployed"
+            )
+        )
+
+    session_id = uuid.uuid4().hex
+    try:
+        session = _store_session(app, username, state.guest_users, session_id, connection_id)
+    except ChatfnError as exc:
+        return SessionResult(error=exc, invocation=invocation)
+    app.run_in_background(STARTED, {"user": session["user"], "session_id": session_id})
+    return SessionResult(session=session, invocation=invocation)
+
+
+def _store_session(
+    app: App, username: str, guest_users: str, session_id: str, connection_id: str | None
+) -> dict[str, Any]:
+    for _attempt in range(2):
+        try:
+            with app.runtime.db.session() as s:
+                user = find_user(s, app.id, username)
+                if user is None:
+                    if guest_users != "enabled":
+                        raise UserNotFound("the user does not exist and guest users are disabled")
+                    user = UserRow(
+                        app_id=app.id,
+                        name=username,
+                        display_name=username,
+                        is_guest=True,
+                        properties={},
+                    )
+                    s.add(user)
+                    s.flush()
+                row = SessionRow(
+                    id=session_id, app_id=app.id, user_id=user.id, connection_id=connection_id
+                )
+                s.add(row)
+                s.flush()
+                return {
+                    "id": session_id,
+                    "user": user_dict(user),
+                    "started_at": row.started_at.isoformat(),
+                }
+        except IntegrityError:  # the guest user was created concurrently: use it
+            continue
+    raise InvalidRequest("the user changed while the session was starting; try again")
+
+
+def end_session(app: App, session_id: str, reason: str = "ended") -> dict[str, Any]:
+    """End an active session and run UserEndedSession in the background."""
+    if reason not in END_REASONS:
+        raise InvalidRequest("reason must be 'ended' or 'disconnected'")
+    if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
+        raise InvalidRequest("session_id must be a session id string")
+    with app.runtime.db.session() as s:
+        found = s.execute(
+            select(SessionRow, UserRow)
+            .join(UserRow, UserRow.id == SessionRow.user_id)
+            .where(
+                SessionRow.id == session_id,
+                SessionRow.app_id == app.id,
+                SessionRow.ended_at.is_(None),
+            )
+        ).one_or_none()
+        if found is None:
+            raise NotFound("no active session with that id")
+        row, user = found
+        row.ended_at, row.end_reason = utcnow(), reason
+        session = _session_dict(row, user)
+    app.run_in_background(
+        ENDED, {"user": session["user"], "session_id": session_id, "reason": reason}
+    )
+    return session
+
+
+def list_sessions(app: App, *, active: bool = True, limit: int = 100) -> list[dict[str, Any]]:
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be 1 to 1000")
+    query = (
+        select(SessionRow, UserRow)
+        .join(UserRow, UserRow.id == SessionRow.user_id)
+        .where(SessionRow.app_id == app.id)
+    )
+    if active:
+        query = query.where(SessionRow.ended_at.is_(None))
+    query = query.order_by(SessionRow.started_at.desc()).limit(limit)
+    with app.runtime.db.session() as s:
+        return [_session_dict(row, user) for row, user in s.execute(query)]
+
+
+def _session_dict(row: SessionRow, user: UserRow) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": row.id,
+        "user": user_dict(user),
+        "started_at": row.started_at.isoformat(),
+    }
+    if row.ended_at is not None:
+        out["ended_at"] = row.ended_at.isoformat()
+        out["end_reason"] = row.end_reason
+    return out
+
+
+class Connection:
+    """One client connection: at most one active session; closing it ends the session as
+    ``disconnected``. The WebSocket endpoint holds one per socket."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.id = uuid.uuid4().hex
+        self.session_id: str | None = None
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def start_session(self, username: Any, auth_params: Any = None) -> SessionResult:
+        with self._lock:
+            if self.closed:
+                return SessionResult(error=InvalidRequest("the connection is closed"))
+            if self.session_id is not None:
+                return SessionResult(
+                    error=SessionActive("this connection already has an active session")
+                )
+            result = start_session(self.app, username, auth_params, connection_id=self.id)
+            if result.session is not None:
+                self.session_id = result.session["id"]
+            return result
+
+    def end_session(self) -> dict[str, Any]:
+        with self._lock:
+            if self.session_id is None:
+                raise InvalidRequest("this connection has no active session")
+            session_id, self.session_id = self.session_id, None
+        return end_session(self.app, session_id, "ended")
+
+    def close(self) -> None:
+        """The connection dropped: end its session as ``disconnected``."""
+        with self._lock:
+            self.closed = True
+            session_id, self.session_id = self.session_id, None
+        if session_id is not None:
+            try:
+                end_session(self.app, session_id, "disconnected")
+            except NotFound:  # already ended elsewhere
+                pass
+
+
+__all__ = ["Connection", "SessionResult", "end_session", "start_session"]
