@@ -33,7 +33,7 @@ from runtime.project import Project, read_project
 from runtime.secrets import Secrets
 from runtime.users import Users
 from runtime.validation import check_app_name, check_guest_users
-from sandbox import ChatfnError, Deployment, WorkerPool, validate
+from sandbox import DEFAULT_POLICY, ChatfnError, Deployment, Policy, WorkerPool, validate
 from sandbox.errors import DeployRejected, InvalidRequest, NotDeployed, NotFound
 
 log = logging.getLogger("chatfn.runtime")
@@ -105,7 +105,9 @@ class App:
         project = source if isinstance(source, Project) else read_project(source)
         limits = project.limits()
         version = self.deployments.create(project)
-        deployment = Deployment(self.name, version, dict(project.files), limits)
+        deployment = Deployment(
+            self.name, version, dict(project.files), limits, self.runtime.policy
+        )
         try:
             validate(deployment)
             self.runtime.pool.prepare(deployment)
@@ -239,9 +241,13 @@ class Runtime:
         database_url: str | None = None,
         *,
         pool: WorkerPool | None = None,
+        policy: Policy = DEFAULT_POLICY,
         background_workers: int = 4,
     ) -> None:
         self.db = Database(database_url)
+        # The sandbox policy every deployment runs under (per-deployment dependencies
+        # extend it).
+        self.policy = policy
         self.db.migrate()
         self._own_pool = pool is None
         self.pool = pool if pool is not None else WorkerPool()
@@ -314,7 +320,9 @@ class Runtime:
         if cached is not None:
             return cached
         project = app.deployments.project(version)
-        deployment = Deployment(app.name, version, dict(project.files), project.limits())
+        deployment = Deployment(
+            app.name, version, dict(project.files), project.limits(), self.policy
+        )
         return self.remember(deployment, app.id)
 
     def remember(self, deployment: Deployment, app_id: int | None = None) -> Deployment:
