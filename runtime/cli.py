@@ -15,11 +15,9 @@ import orjson
 import typer
 
 from runtime.core import DEFAULT_APP, App, Runtime
-from runtime.db import database_url as resolve_url
-from runtime.db import safe_url
 from runtime.invoke import invoke_project
 from runtime.scaffold import scaffold
-from sandbox.errors import ChatfnError, InvalidRequest
+from sandbox.errors import ChatfnError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run chat functions.")
 users_cli = typer.Typer(no_args_is_help=True, help="The users of an app, in the local database.")
@@ -64,8 +62,6 @@ def local_app(name: str, database_url: str | None) -> Iterator[App]:
             yield runtime.ensure_app(name) if name == DEFAULT_APP else runtime.app(name)
     except ChatfnError as exc:
         fail(exc.message)
-    except OSError as exc:
-        fail(f"cannot open the database {safe_url(resolve_url(database_url))}: {exc.strerror}")
 
 
 @app.callback()
@@ -232,10 +228,7 @@ def users_delete(
 
 
 def main() -> None:
-    try:
-        app(prog_name="chatfn")
-    except InvalidRequest as exc:  # pragma: no cover - every command catches its own
-        fail(exc.message)
+    app(prog_name="chatfn")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sandbox.errors import InvalidRequest
+from sandbox.errors import InvalidRequest, StorageError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -61,7 +61,7 @@ class Database:
         try:
             parsed = make_url(self.url)
         except ArgumentError:
-            raise InvalidRequest("CHATFN_DATABASE_URL is not a valid database URL") from None
+            raise InvalidRequest("the database URL is not a valid SQLAlchemy URL") from None
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {}
         if self.dialect == "sqlite":
@@ -70,7 +70,13 @@ class Database:
                 raise InvalidRequest("chatfn needs a SQLite file, not an in-memory database")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine: Engine = create_engine(parsed, **kwargs)
+        try:
+            self.engine: Engine = create_engine(parsed, **kwargs)
+        except (ImportError, NoSuchModuleError) as exc:
+            raise StorageError(
+                f"the database driver for {safe_url(self.url)} is not installed "
+                f"({getattr(exc, 'name', None) or parsed.drivername})"
+            ) from None
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -82,7 +88,16 @@ class Database:
             yield session
 
     def migrate(self) -> None:
-        """Bring the schema to the newest migration (a no-op when it already is)."""
+        """Bring the schema to the newest migration (a no-op when it already is).
+        StorageError, naming the database but never its password, if it cannot."""
+        try:
+            self._migrate()
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageError(
+                f"cannot open the database {safe_url(self.url)}: {_reason(exc)}"
+            ) from None
+
+    def _migrate(self) -> None:
         config = alembic_config()
         with self.engine.begin() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
@@ -94,6 +109,13 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own one-line reason, without SQLAlchemy's SQL and help links."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
 
 
 def alembic_config() -> Config:

@@ -15,7 +15,9 @@ from typing import Any
 
 from runtime.core import Runtime
 from runtime.events import resolve
+from runtime.project import read_project
 from runtime.sessions import ATTEMPTED
+from runtime.validation import check_auth_params, check_name
 from sandbox import ChatfnError, WorkerPool
 
 
@@ -56,6 +58,11 @@ def invoke_project(
     """Deploy ``directory`` into a fresh store and run one event; errors in the project or
     the arguments raise ChatfnError, the handler's own outcome is returned."""
     event = resolve(event_name)
+    project = read_project(directory)
+    data = event.validate(payload)
+    if event is ATTEMPTED:  # bad session input is the caller's mistake, not an outcome
+        check_name(data["username"])
+        check_auth_params(data["auth_params"])
     with (
         tempfile.TemporaryDirectory(prefix="chatfn-invoke-") as tmp,
         Runtime(f"sqlite:///{tmp}/store.db", pool=pool) as runtime,
@@ -65,8 +72,7 @@ def invoke_project(
             app.secrets.set(name, value)
         for name in users or []:
             app.users.create_user(name)
-        app.deploy(directory)
-        data = event.validate(payload)
+        app.deploy(project)
         if event is ATTEMPTED:
             start = time.monotonic()
             result = app.start_session(data["username"], data["auth_params"])

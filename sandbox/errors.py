@@ -22,7 +22,8 @@ code can ``except`` them; ``to_dict``/``from_dict`` are the only way they travel
      +-- SessionActive               session_active     a second start on one connection
      +-- DeployRejected              deploy_rejected    compile or init errors at upload
      +-- NotFound                    not_found          no such app, deployment version or
-                                                         active session
+     |                                                   active session
+     +-- StorageError                storage_error      the database cannot be opened or used
 
 ``message`` is safe to show to whoever made the request; ``detail`` (a user traceback) is
 for the invocation log only and is never part of ``to_dict``.
@@ -135,6 +136,10 @@ class NotFound(ChatfnError):
     code = "not_found"
 
 
+class StorageError(ChatfnError):
+    code = "storage_error"
+
+
 ERRORS_BY_CODE: dict[str, type[ChatfnError]] = {
     cls.code: cls
     for cls in (
@@ -152,5 +157,6 @@ ERRORS_BY_CODE: dict[str, type[ChatfnError]] = {
         SessionActive,
         DeployRejected,
         NotFound,
+        StorageError,
     )
 }

@@ -63,7 +63,7 @@ def test_the_default_database_is_created_in_the_data_dir(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("not a url", "not a valid database URL"),
+        ("not a url", "not a valid SQLAlchemy URL"),
         ("sqlite://", "not an in-memory database"),
         ("sqlite:///:memory:", "not an in-memory database"),
     ],
@@ -77,3 +77,14 @@ def test_safe_url_hides_the_password() -> None:
     shown = safe_url("postgresql+psycopg://chat:hunter2@db.example/chatfn")
     assert "hunter2" not in shown and "db.example" in shown
     assert "hunter2" not in safe_url("::hunter2::")
+
+
+def test_an_unusable_database_is_a_storage_error(tmp_path: Path) -> None:
+    from sandbox.errors import StorageError
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError, match=r"cannot open the database .*file is not a database"):
+        Database(f"sqlite:///{junk}").migrate()
+    with pytest.raises(StorageError, match=r"driver .* is not installed"):
+        Database("postgresql+nodriver://u:hunter2@h/db")
