@@ -14,13 +14,14 @@ import concurrent.futures
 import datetime
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from runtime import sessions
@@ -39,6 +40,17 @@ from sandbox.errors import DeployRejected, InvalidRequest, NotDeployed, NotFound
 log = logging.getLogger("chatfn.runtime")
 
 DEFAULT_APP = "default"
+# How long an app's settings and active version are reused before being read again.
+STATE_TTL_S = 0.5
+
+_STATE_QUERY = (
+    select(AppRow.guest_users, DeploymentRow.version)
+    .outerjoin(
+        DeploymentRow,
+        and_(DeploymentRow.app_id == AppRow.id, DeploymentRow.status == "active"),
+    )
+    .where(AppRow.id == bindparam("app_id"))
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class App:
             **self.users.capabilities(),
             "secrets.all": self.secrets.values,
         }
+        self._state: tuple[float, AppState] | None = None
 
     def __repr__(self) -> str:
         return f"App({self.name!r})"
@@ -79,22 +92,26 @@ class App:
                 s.execute(
                     update(AppRow).where(AppRow.id == self.id).values(guest_users=guest_users)
                 )
+            self.forget_state()
         return self.settings()
 
-    def state(self) -> AppState:
-        query = (
-            select(AppRow.guest_users, DeploymentRow.version)
-            .outerjoin(
-                DeploymentRow,
-                and_(DeploymentRow.app_id == AppRow.id, DeploymentRow.status == "active"),
-            )
-            .where(AppRow.id == self.id)
-        )
-        with self.runtime.db.session() as s:
-            row = s.execute(query).one_or_none()
+    def state(self, *, fresh: bool = False) -> AppState:
+        """Settings and active version. Cached for ``STATE_TTL_S``: changes made through
+        this runtime show at once, changes made elsewhere within that time."""
+        cached = self._state
+        now = time.monotonic()
+        if cached is not None and not fresh and now - cached[0] < STATE_TTL_S:
+            return cached[1]
+        with self.runtime.db.read() as c:
+            row = c.execute(_STATE_QUERY, {"app_id": self.id}).one_or_none()
         if row is None:
             raise NotFound(f"app {self.name!r} no longer exists")
-        return AppState(guest_users=row[0], version=row[1])
+        state = AppState(guest_users=row[0], version=row[1])
+        self._state = (now, state)
+        return state
+
+    def forget_state(self) -> None:
+        self._state = None
 
     # -- deployments ------------------------------------------------------------------------
 
@@ -130,6 +147,7 @@ class App:
             # Boot it before switching, so a version that no longer starts never goes live.
             self.runtime.pool.prepare(self.runtime.deployment(self, version))
         info = self.deployments.activate(version)
+        self.forget_state()
         self.runtime.went_live(self.name, version)
         return info
 
@@ -155,8 +173,11 @@ class App:
             return False
         return event.filename in self.runtime.deployment(self, state.version).files
 
-    def run(self, event: EventType, data: dict[str, Any], state: AppState) -> Invocation:
-        """Invoke the active version's handler for ``event`` and record the invocation."""
+    def run(
+        self, event: EventType, data: dict[str, Any], state: AppState, *, record: bool = True
+    ) -> Invocation:
+        """Invoke the active version's handler for ``event``; stored in the invocation log
+        unless ``record`` is False (the caller stores it with what it writes)."""
         assert state.version is not None
         invocation_id = uuid.uuid4().hex
         payload = {**data, "type": event.name, "id": uuid.uuid4().hex}
@@ -171,32 +192,33 @@ class App:
         )
         if result.error is not None and result.error.code == "not_deployed":
             # The version was retired between reading the state and invoking: once more.
-            fresh = self.state()
+            fresh = self.state(fresh=True)
             if fresh.version is not None and fresh.version != state.version:
-                return self.run(event, data, fresh)
+                return self.run(event, data, fresh, record=record)
         secrets = self.secrets.values() if (result.logs or result.error) else {}
         invocation = from_result(
             self.name, event.name, state.version, result, secrets, deployment.limits.log_bytes
         )
-        with self.runtime.db.session() as s:
-            store(s, self.id, invocation)
+        if record:
+            with self.runtime.db.write() as c:
+                store(c, self.id, invocation)
         return invocation
 
-    def run_in_background(self, event: EventType, data: dict[str, Any]) -> None:
-        """Run a non-blocking event's handler later, if one is deployed."""
+    def run_in_background(self, event: EventType, data: dict[str, Any], state: AppState) -> None:
+        """Run a non-blocking event's handler later, if ``state``'s version has one."""
+        if not self.has_handler(state, event):
+            return
 
         def task() -> None:
-            state = self.state()
-            if self.has_handler(state, event):
-                invocation = self.run(event, data, state)
-                if invocation.failed and invocation.error is not None:
-                    log.info(
-                        "%s %s failed: %s (invocation %s)",
-                        self.name,
-                        event.name,
-                        invocation.error.code,
-                        invocation.id,
-                    )
+            invocation = self.run(event, data, state)
+            if invocation.failed and invocation.error is not None:
+                log.info(
+                    "%s %s failed: %s (invocation %s)",
+                    self.name,
+                    event.name,
+                    invocation.error.code,
+                    invocation.id,
+                )
 
         self.runtime.background(task)
 
@@ -282,7 +304,7 @@ class Runtime:
         if cached is not None:
             return cached
         check_app_name(name)
-        with self.db.session() as s:
+        with self.db.reading() as s:
             app_id = s.scalar(select(AppRow.id).where(AppRow.name == name))
         if app_id is None:
             raise NotFound(f"no app named {name!r}")
@@ -300,7 +322,7 @@ class Runtime:
             return self.app(name)
 
     def apps(self) -> list[str]:
-        with self.db.session() as s:
+        with self.db.reading() as s:
             return list(s.scalars(select(AppRow.name).order_by(AppRow.name)))
 
     def _remember_app(self, app_id: int, name: str) -> App:

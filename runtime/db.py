@@ -7,8 +7,9 @@ elsewhere. Everything above this module speaks SQLAlchemy and works on either.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,7 +55,13 @@ def safe_url(url: str) -> str:
 
 
 class Database:
-    """An engine, a session factory, and the migration step."""
+    """An engine, transactions, and the migration step.
+
+    ``session()`` is an ORM write transaction and ``write()`` the same on a Core connection;
+    ``reading()`` and ``read()`` are their read-only twins. On SQLite a write transaction
+    takes the write lock at BEGIN (IMMEDIATE) and writers of this process queue on a lock
+    of ours rather than in SQLite's sleeping busy handler; reads never take the write lock.
+    """
 
     def __init__(self, url: str | None = None) -> None:
         self.url = database_url(url)
@@ -70,6 +77,8 @@ class Database:
                 raise InvalidRequest("chatfn needs a SQLite file, not an in-memory database")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # Connections are cheap: enough for every call and background thread.
+            kwargs["pool_size"], kwargs["max_overflow"] = 40, 40
         try:
             self.engine: Engine = create_engine(parsed, **kwargs)
         except (ImportError, NoSuchModuleError) as exc:
@@ -77,15 +86,37 @@ class Database:
                 f"the database driver for {safe_url(self.url)} is not installed "
                 f"({getattr(exc, 'name', None) or parsed.drivername})"
             ) from None
+        self._writer: AbstractContextManager[Any] = nullcontext()
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            self._writer = threading.Lock()
+        self._write_engine = self.engine.execution_options(chatfn_write=True)
+        self._sessions = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction: committed on success, rolled back on any exception."""
-        with self._sessions.begin() as session:
+        """One write transaction: committed on success, rolled back on any exception."""
+        with self._writer, self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One write transaction on a Core connection."""
+        with self._writer, self._write_engine.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only ORM transaction (rolled back at the end)."""
+        with self._read_sessions() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction on a Core connection (rolled back at the end)."""
+        with self.engine.connect() as connection:
+            yield connection
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (a no-op when it already is).
@@ -99,7 +130,7 @@ class Database:
 
     def _migrate(self) -> None:
         config = alembic_config()
-        with self.engine.begin() as connection:
+        with self._writer, self._write_engine.begin() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
             head = ScriptDirectory.from_config(config).get_current_head()
             if current == head:
@@ -129,8 +160,9 @@ def _configure_sqlite(engine: Engine) -> None:
 
     pysqlite's own transaction handling starts transactions lazily and deferred, and a
     deferred transaction that reads and then writes fails at once with "database is locked"
-    when another writer got there first. Taking the write lock at BEGIN (IMMEDIATE) makes
-    concurrent writers queue on ``busy_timeout`` instead.
+    when another writer got there first. Write transactions take the write lock at BEGIN
+    (IMMEDIATE), so writers from other processes queue on ``busy_timeout`` instead; reads
+    begin deferred and, in WAL mode, never wait for a writer.
     """
 
     @event.listens_for(engine, "connect")
@@ -145,4 +177,5 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        write = connection.get_execution_options().get("chatfn_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

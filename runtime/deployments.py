@@ -120,11 +120,11 @@ class Deployments:
             return _info(row)
 
     def get(self, version: int) -> DeploymentInfo:
-        with self._db.session() as s:
+        with self._db.reading() as s:
             return _info(self._row(s, version))
 
     def project(self, version: int) -> Project:
-        with self._db.session() as s:
+        with self._db.reading() as s:
             row = self._row(s, version)
             return Project(
                 files=dict(row.files),
@@ -135,7 +135,7 @@ class Deployments:
 
     def list(self) -> list[DeploymentInfo]:
         """Every version, newest first."""
-        with self._db.session() as s:
+        with self._db.reading() as s:
             rows = s.scalars(
                 select(DeploymentRow)
                 .where(DeploymentRow.app_id == self._app_id)

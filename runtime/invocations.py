@@ -10,8 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, insert, select
 
 from runtime.db import Database
 from runtime.models import InvocationRow
@@ -98,9 +97,10 @@ def from_result(
     )
 
 
-def store(session: Session, app_id: int, inv: Invocation) -> None:
-    session.add(
-        InvocationRow(
+def store(connection: Connection, app_id: int, inv: Invocation) -> None:
+    """Insert one invocation record (inside the caller's write transaction)."""
+    connection.execute(
+        insert(InvocationRow).values(
             id=inv.id,
             app_id=app_id,
             event=inv.event,
@@ -154,11 +154,11 @@ def list_invocations(
     if status is not None:
         query = query.where(InvocationRow.status == status)
     query = query.order_by(InvocationRow.created_at.desc(), InvocationRow.id).limit(limit)
-    with db.session() as s:
+    with db.reading() as s:
         return [_from_row(app, row) for row in s.scalars(query)]
 
 
 def get_invocation(db: Database, app_id: int, app: str, invocation_id: str) -> Invocation | None:
-    with db.session() as s:
+    with db.reading() as s:
         row = s.get(InvocationRow, invocation_id)
         return None if row is None or row.app_id != app_id else _from_row(app, row)

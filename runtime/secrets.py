@@ -6,21 +6,31 @@ Values are write-only from outside: they go to handlers (``context.secrets``) an
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from runtime.db import Database
 from runtime.models import SecretRow, utcnow
 from runtime.validation import check_secret_name, check_secret_value
 from sandbox.errors import NotFound
 
+# How long secret values are reused before being read again (changes made through this
+# runtime show at once).
+VALUES_TTL_S = 1.0
+
+_VALUES_QUERY = select(SecretRow.name, SecretRow.value).where(
+    SecretRow.app_id == bindparam("app_id")
+)
+
 
 class Secrets:
     def __init__(self, db: Database, app_id: int) -> None:
         self._db = db
         self._app_id = app_id
+        self._cache: tuple[float, dict[str, str]] | None = None
 
     def set(self, name: str, value: str) -> None:
         check_secret_name(name)
@@ -31,6 +41,7 @@ class Secrets:
                 s.add(SecretRow(app_id=self._app_id, name=name, value=value))
             else:
                 row.value, row.updated_at = value, utcnow()
+        self._cache = None
 
     def delete(self, name: str) -> None:
         check_secret_name(name)
@@ -38,12 +49,13 @@ class Secrets:
             gone = s.execute(
                 delete(SecretRow).where(SecretRow.app_id == self._app_id, SecretRow.name == name)
             )
+            self._cache = None
             if not gone.rowcount:  # type: ignore[attr-defined]
                 raise NotFound(f"no secret named {name!r}")
 
     def names(self) -> list[dict[str, Any]]:
         """Each secret's name and when it was last set; never the value."""
-        with self._db.session() as s:
+        with self._db.reading() as s:
             rows = s.execute(
                 select(SecretRow.name, SecretRow.updated_at)
                 .where(SecretRow.app_id == self._app_id)
@@ -53,11 +65,13 @@ class Secrets:
 
     def values(self) -> dict[str, str]:
         """Name -> value: for ``context.secrets`` and for ``redact`` only."""
-        with self._db.session() as s:
-            rows = s.execute(
-                select(SecretRow.name, SecretRow.value).where(SecretRow.app_id == self._app_id)
-            )
-            return {n: v for n, v in rows}
+        cached, now = self._cache, time.monotonic()
+        if cached is not None and now - cached[0] < VALUES_TTL_S:
+            return dict(cached[1])
+        with self._db.read() as c:
+            values = {n: v for n, v in c.execute(_VALUES_QUERY, {"app_id": self._app_id})}
+        self._cache = (now, values)
+        return dict(values)
 
 
 def redact(text: str, secrets: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:

@@ -20,13 +20,13 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from runtime.events import resolve
-from runtime.invocations import Invocation
+from runtime.invocations import Invocation, store
 from runtime.models import SessionRow, UserRow, utcnow
-from runtime.users import find_user, user_dict
+from runtime.users import user_dict
 from runtime.validation import check_auth_params, check_name
 from sandbox.errors import (
     AccessDenied,
@@ -39,7 +39,7 @@ from sandbox.errors import (
 )
 
 if TYPE_CHECKING:
-    from runtime.core import App
+    from runtime.core import App, AppState
 
 ATTEMPTED = resolve("UserAttemptedStartSession")
 STARTED = resolve("UserStartedSession")
@@ -96,8 +96,11 @@ def start_session(
 
     invocation = None
     if app.has_handler(state, ATTEMPTED):
-        invocation = app.run(ATTEMPTED, {"username": username, "auth_params": params}, state)
+        data = {"username": username, "auth_params": params}
+        invocation = app.run(ATTEMPTED, data, state, record=False)
         if invocation.failed:
+            with app.runtime.db.write() as c:
+                store(c, app.id, invocation)
             return SessionResult(error=client_error(invocation), invocation=invocation)
     elif state.guest_users == "disabled":
         return SessionResult(
@@ -108,44 +111,70 @@ def start_session(
 
     session_id = uuid.uuid4().hex
     try:
-        session = _store_session(app, username, state.guest_users, session_id, connection_id)
+        session = _store_session(app, username, state, session_id, connection_id, invocation)
     except ChatfnError as exc:
         return SessionResult(error=exc, invocation=invocation)
-    app.run_in_background(STARTED, {"user": session["user"], "session_id": session_id})
+    app.run_in_background(STARTED, {"user": session["user"], "session_id": session_id}, state)
     return SessionResult(session=session, invocation=invocation)
 
 
+_USERS = UserRow.__table__
+_FIND_USER = select(_USERS).where(
+    (_USERS.c.app_id == bindparam("app_id")) & (_USERS.c.name == bindparam("name"))
+)
+
+
 def _store_session(
-    app: App, username: str, guest_users: str, session_id: str, connection_id: str | None
+    app: App,
+    username: str,
+    state: AppState,
+    session_id: str,
+    connection_id: str | None,
+    invocation: Invocation | None,
 ) -> dict[str, Any]:
+    """In one write transaction: the handler's invocation record, the guest user if one is
+    due, and the session. UserNotFound (with the invocation still recorded) otherwise."""
     for _attempt in range(2):
+        missing = False
         try:
-            with app.runtime.db.session() as s:
-                user = find_user(s, app.id, username)
-                if user is None:
-                    if guest_users != "enabled":
-                        raise UserNotFound("the user does not exist and guest users are disabled")
-                    user = UserRow(
-                        app_id=app.id,
-                        name=username,
-                        display_name=username,
-                        is_guest=True,
-                        properties={},
+            with app.runtime.db.write() as c:
+                if invocation is not None:
+                    store(c, app.id, invocation)
+                user = c.execute(_FIND_USER, {"app_id": app.id, "name": username}).first()
+                if user is None and state.guest_users != "enabled":
+                    missing = True
+                else:
+                    if user is None:
+                        c.execute(
+                            insert(UserRow).values(
+                                app_id=app.id,
+                                name=username,
+                                display_name=username,
+                                is_guest=True,
+                                properties={},
+                                created_at=utcnow(),
+                            )
+                        )
+                        user = c.execute(_FIND_USER, {"app_id": app.id, "name": username}).one()
+                    started = utcnow()
+                    c.execute(
+                        insert(SessionRow).values(
+                            id=session_id,
+                            app_id=app.id,
+                            user_id=user.id,
+                            connection_id=connection_id,
+                            started_at=started,
+                        )
                     )
-                    s.add(user)
-                    s.flush()
-                row = SessionRow(
-                    id=session_id, app_id=app.id, user_id=user.id, connection_id=connection_id
-                )
-                s.add(row)
-                s.flush()
-                return {
-                    "id": session_id,
-                    "user": user_dict(user),
-                    "started_at": row.started_at.isoformat(),
-                }
+                    return {
+                        "id": session_id,
+                        "user": user_dict(user),
+                        "started_at": started.isoformat(),
+                    }
         except IntegrityError:  # the guest user was created concurrently: use it
             continue
+        if missing:
+            raise UserNotFound("the user does not exist and guest users are disabled")
     raise InvalidRequest("the user changed while the session was starting; try again")
 
 
@@ -171,7 +200,9 @@ def end_session(app: App, session_id: str, reason: str = "ended") -> dict[str, A
         row.ended_at, row.end_reason = utcnow(), reason
         session = _session_dict(row, user)
     app.run_in_background(
-        ENDED, {"user": session["user"], "session_id": session_id, "reason": reason}
+        ENDED,
+        {"user": session["user"], "session_id": session_id, "reason": reason},
+        app.state(),
     )
     return session
 
@@ -187,7 +218,7 @@ def list_sessions(app: App, *, active: bool = True, limit: int = 100) -> list[di
     if active:
         query = query.where(SessionRow.ended_at.is_(None))
     query = query.order_by(SessionRow.started_at.desc()).limit(limit)
-    with app.runtime.db.session() as s:
+    with app.runtime.db.reading() as s:
         return [_session_dict(row, user) for row, user in s.execute(query)]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,8 +19,15 @@ _UNSET: Any = object()
 MAX_LIST = 1000
 
 
-def user_dict(row: UserRow) -> dict[str, Any]:
-    """A user as handlers and clients see it (DESIGN section 4)."""
+_USERS = UserRow.__table__
+_BY_NAME = (_USERS.c.app_id == bindparam("app_id")) & (_USERS.c.name == bindparam("name"))
+_EXISTS = select(_USERS.c.id).where(_BY_NAME)
+_GET = select(_USERS).where(_BY_NAME)
+
+
+def user_dict(row: Any) -> dict[str, Any]:
+    """A user as handlers and clients see it (DESIGN section 4), from a UserRow or a Core
+    row of the users table."""
     return {
         "name": row.name,
         "display_name": row.display_name,
@@ -41,17 +48,15 @@ class Users:
 
     def check_user_exists(self, name: str) -> bool:
         check_name(name)
-        with self._db.session() as s:
-            found = s.scalar(
-                select(UserRow.id).where(UserRow.app_id == self._app_id, UserRow.name == name)
-            )
+        with self._db.read() as c:
+            found = c.execute(_EXISTS, {"app_id": self._app_id, "name": name}).first()
         return found is not None
 
     def get_user(self, name: str) -> dict[str, Any] | None:
         check_name(name)
-        with self._db.session() as s:
-            row = find_user(s, self._app_id, name)
-            return None if row is None else user_dict(row)
+        with self._db.read() as c:
+            row = c.execute(_GET, {"app_id": self._app_id, "name": name}).first()
+        return None if row is None else user_dict(row)
 
     def create_user(
         self,
@@ -113,7 +118,7 @@ class Users:
         query = select(UserRow).where(UserRow.app_id == self._app_id)
         if after is not None:
             query = query.where(UserRow.name > after)
-        with self._db.session() as s:
+        with self._db.reading() as s:
             rows = s.scalars(query.order_by(UserRow.name).limit(limit))
             return [user_dict(r) for r in rows]
 

@@ -186,3 +186,30 @@ def test_state_survives_a_restart(
         assert served(again) == ["v", "kept"]
         assert [s["id"] for s in again.sessions()] == [session.session["id"]]
         assert [i.event for i in again.invocations()][:1] == ["UserStartedSession"]
+
+
+def test_changes_made_by_another_runtime_show_within_the_cache_time(
+    tmp_path: Path, project: ProjectFactory
+) -> None:
+    from runtime.core import STATE_TTL_S
+    from runtime.secrets import VALUES_TTL_S
+
+    url = f"sqlite:///{tmp_path}/shared.db"
+    with Runtime(url) as node_a, Runtime(url) as node_b:
+        a = node_a.create_app("shared")
+        a.deploy(
+            project(
+                user_started_session=(
+                    "def handle_event(event, context):\n    return context.secrets.get('K')\n"
+                )
+            )
+        )
+        b = node_b.app("shared")
+        assert served(b) is None and b.settings() == {"guest_users": "enabled"}
+        a.update_settings(guest_users="disabled")
+        a.secrets.set("K", "v2")
+        a.deploy(version_project(project, 2))
+        threading.Event().wait(max(STATE_TTL_S, VALUES_TTL_S) + 0.1)
+        assert b.settings() == {"guest_users": "disabled"}
+        assert served(b) == 2
+        assert b.secrets.values() == {"K": "v2"}
