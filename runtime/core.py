@@ -127,7 +127,7 @@ class App:
         )
         try:
             validate(deployment)
-            self.runtime.pool.prepare(deployment)
+            self.runtime.pool.prepare(deployment, init_capabilities=self._capabilities)
         except DeployRejected as exc:
             self.deployments.fail(version, exc.errors)
             raise
@@ -145,7 +145,9 @@ class App:
             return info
         if info.status in ("inactive",):
             # Boot it before switching, so a version that no longer starts never goes live.
-            self.runtime.pool.prepare(self.runtime.deployment(self, version))
+            self.runtime.pool.prepare(
+                self.runtime.deployment(self, version), init_capabilities=self._capabilities
+            )
         info = self.deployments.activate(version)
         self.forget_state()
         self.runtime.went_live(self.name, version)

@@ -124,6 +124,20 @@ class Secrets(ReadOnly, Mapping[str, str]):
         return f"<secrets: {', '.join(sorted(self._all()))}>"
 
 
+class InitContext(ReadOnly):
+    """``context`` in init.py: the app, its secrets (to parse a key once) and the log."""
+
+    __slots__ = ("_log", "app", "secrets")
+
+    def __init__(self, *, app: str, call: HostCallFn, log: Callable[[str], None]) -> None:
+        self.app = app
+        self.secrets = Secrets(call)
+        self._log = log
+
+    def log(self, *values: Any) -> None:
+        self._log(" ".join(str(v) for v in values) + "\n")
+
+
 class Context(ReadOnly):
     """``context``: the app, the invocation id, users, secrets, logging and the clock."""
 

@@ -59,16 +59,61 @@ def current_address_space() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_private_dir(root: str, uid: int | None, gid: int | None) -> str:
-    path = os.path.join(root, f"w{os.getpid()}")
-    os.mkdir(path, 0o700)
+def make_private_dir(
+    root: str, uid: int | None, gid: int | None, *, prefix: str = "w", mode: int = 0o700
+) -> str:
+    path = os.path.join(root, f"{prefix}{os.getpid()}")
+    os.mkdir(path, mode)
     if uid is not None and gid is not None:
         os.chown(path, uid, gid)
     return path
 
 
-def apply(limits: Limits, policy: Policy, *, drop_uid: bool) -> None:
-    """Lock this process down. Raises OSError if a limit cannot be set."""
+def paths_through_fds(paths: list[str]) -> tuple[list[str], list[int]]:
+    """Import paths a process keeps after it drops to an unprivileged uid.
+
+    Each existing directory is opened (O_PATH) while still privileged and replaced by
+    ``/proc/self/fd/N``: the kernel resolves that link to the directory without checking
+    the search permission of its ancestors, so the interpreter's own library (installed,
+    say, under a 0700 /root) and a dependency environment stay importable, and nothing
+    else below those ancestors becomes reachable. Returns the new paths and the fds, which
+    workers keep open.
+    """
+    new_paths, fds = [], []
+    for path in paths:
+        if not path or not os.path.isdir(path):
+            continue
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds.append(fd)
+        new_paths.append(f"/proc/self/fd/{fd}")
+    return new_paths, fds
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor from 3 up, except ``keep``."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def drop_privileges(policy: Policy) -> None:
+    """The template process (as root): become the sandbox uid/gid for good, with no way
+    back (no_new_privs), and not dumpable. (No PDEATHSIG: it would fire when the host
+    thread that started the template exits; the template exits when its control socket
+    closes.)"""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    os.setgroups([])
+    os.setgid(policy.sandbox_gid)
+    os.setuid(policy.sandbox_uid)
+    # Cleared by the uid change: set after it.
+    prctl(PR_SET_DUMPABLE, 0)
+
+
+def apply(limits: Limits) -> None:
+    """Lock a worker down (it already runs as the template's uid). Raises OSError if a
+    limit cannot be set."""
     parent = os.getppid()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     fsize = limits.file_size_mb * MIB
@@ -82,13 +127,9 @@ def apply(limits: Limits, policy: Policy, *, drop_uid: bool) -> None:
     lifetime_cpu = min(cpu * limits.max_invocations + cpu, 10_000_000)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, lifetime_cpu))
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if drop_uid:
-        os.setgroups([])
-        os.setgid(policy.sandbox_gid)
-        os.setuid(policy.sandbox_uid)
-    # Not dumpable: no ptrace from other workers running as the same uid, /proc/self root's.
+    # Not dumpable: no ptrace from other workers running as the same uid.
     prctl(PR_SET_DUMPABLE, 0)
-    # Set after the uid change, which clears it; die with the template process.
+    # Die with the template process.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)

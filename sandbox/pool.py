@@ -13,6 +13,7 @@ Flow of one invocation:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -93,6 +94,21 @@ def validate(deployment: Deployment) -> CompiledProject:
 
 def rejected(errors: list[SourceError]) -> DeployRejected:
     return DeployRejected("; ".join(str(e) for e in errors), errors=[e.to_dict() for e in errors])
+
+
+_TRACEBACK_LINE = re.compile(r'File "([a-z_]+\.py)", line (\d+)')
+
+
+def init_rejected(error: ChatfnError) -> DeployRejected:
+    """DeployRejected for an init.py that failed at deploy time, with the file and line of
+    the innermost user frame when the traceback has one."""
+    where = _TRACEBACK_LINE.findall(error.detail or "")
+    file, line = (where[-1][0], int(where[-1][1])) if where else ("init.py", None)
+    message = error.message if error.code == "function_error" else f"{error.code}: {error.message}"
+    return DeployRejected(
+        f"{file}:{line}: {message}" if line else f"{file}: {message}",
+        errors=[{"file": file, "line": line, "message": message}],
+    )
 
 
 class DeploymentPool:
@@ -227,16 +243,41 @@ class DeploymentPool:
                     "t": "invoke",
                     "handler": handler,
                     "event": event,
-                    "ctx": {
-                        "app": self.deployment.app,
-                        "invocation_id": invocation_id,
-                        "timeout_ms": self.limits.timeout_ms,
-                    },
+                    "ctx": self._ctx(invocation_id),
                 },
                 self.limits.max_frame_bytes,
             )
         except (FrameTooLarge, TypeError) as exc:
             return _failure(invocation_id, InvalidRequest(f"event payload rejected: {exc}"), start)
+        return self._exchange(frame, capabilities, invocation_id, start, deadline)
+
+    def run_init(
+        self, *, capabilities: Mapping[str, HostCallFn], invocation_id: str
+    ) -> InvocationResult:
+        """Run init.py in a worker now (deploy time); the worker stays warm if it passed."""
+        start = time.monotonic()
+        frame = encode({"t": "init", "ctx": self._ctx(invocation_id)}, self.limits.max_frame_bytes)
+        return self._exchange(
+            frame, capabilities, invocation_id, start, start + self.limits.timeout_ms / 1000
+        )
+
+    def _ctx(self, invocation_id: str) -> dict[str, Any]:
+        return {
+            "app": self.deployment.app,
+            "invocation_id": invocation_id,
+            "timeout_ms": self.limits.timeout_ms,
+        }
+
+    def _exchange(
+        self,
+        frame: bytes,
+        capabilities: Mapping[str, HostCallFn],
+        invocation_id: str,
+        start: float,
+        deadline: float,
+    ) -> InvocationResult:
+        """One request on a worker: acquire, send, answer host calls, read the result and
+        the log, then release the worker or retire it."""
         try:
             worker = self._acquire(deadline)
         except ChatfnError as exc:
@@ -379,8 +420,16 @@ class WorkerPool:
         # Workers that dropped to an unprivileged uid must reach their own directory below.
         os.chmod(self.tmp_root, 0o711)
 
-    def prepare(self, deployment: Deployment, warm: int = 1) -> DeploymentPool:
-        """Validate and boot a deployment (its template and ``warm`` workers)."""
+    def prepare(
+        self,
+        deployment: Deployment,
+        warm: int = 1,
+        *,
+        init_capabilities: Mapping[str, HostCallFn] | None = None,
+    ) -> DeploymentPool:
+        """Validate and boot a deployment (its template and ``warm`` workers). With
+        ``init_capabilities``, init.py also runs once now, in a fresh worker, and a failure
+        is DeployRejected with its file and line (the deploy-time check)."""
         with self._lock:
             existing = self._pools.get(deployment.key)
         if existing is not None:
@@ -388,6 +437,11 @@ class WorkerPool:
         validate(deployment)
         pool = DeploymentPool(deployment, self.tmp_root)
         pool.start(warm)
+        if init_capabilities is not None and "init.py" in deployment.files:
+            result = pool.run_init(capabilities=init_capabilities, invocation_id=uuid.uuid4().hex)
+            if result.error is not None:
+                pool.close()
+                raise init_rejected(result.error)
         with self._lock:
             raced = self._pools.get(deployment.key)
             if raced is None:

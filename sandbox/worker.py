@@ -23,6 +23,7 @@ from sandbox.handler_api import (
     HOST_CALL_ERRORS,
     Context,
     Event,
+    InitContext,
     SessionRejected,
     UserExistsError,
 )
@@ -72,11 +73,23 @@ class Worker:
                 msg = self.reader.read()
             except EOFError:
                 os._exit(0)
-            if type(msg) is not dict or msg.get("t") not in ("invoke", "exit"):
+            if type(msg) is not dict or msg.get("t") not in ("invoke", "init", "exit"):
                 os._exit(EXIT_PROTOCOL)
             if msg["t"] == "exit":
                 os._exit(0)
-            self.sock.sendall(self.invoke(msg))
+            self.sock.sendall(self.invoke(msg) if msg["t"] == "invoke" else self.init(msg))
+
+    def init(self, msg: dict[str, Any]) -> bytes:
+        """Run init.py now (at deploy time) rather than before the first invocation."""
+        self.log.reset()
+        self.guards.violations.clear()
+        self._arm_cpu_limit()
+        self._ctx = msg["ctx"]
+        try:
+            self._ensure_init()
+        except InitFailed as exc:
+            return self._record(exc.record)
+        return encode({"t": "result", "ok": True, "value": None}, 4096)
 
     def invoke(self, msg: dict[str, Any]) -> bytes:
         self.log.reset()
@@ -127,16 +140,27 @@ class Worker:
         return namespace
 
     def _ensure_init(self) -> dict[str, Any]:
+        """init.py's public globals (once per worker; retried after a failure, so a worker
+        whose init failed recovers when, say, the missing secret is set again)."""
         if self.init_globals is None:
             base = self._api_globals()
             if self.project.init is not None:
+                init_context = InitContext(
+                    app=self._ctx.get("app", ""), call=self.call, log=self.log.write
+                )
                 try:
-                    ns = self._run_module("init", self.project.init, base)
+                    ns = self._run_module(
+                        "init", self.project.init, {**base, "context": init_context}
+                    )
+                    if self.guards.violations:
+                        raise Violation(self.guards.violations[0])
                 except BaseException as exc:
                     record = self._classify(exc)
                     record["message"] = f"init.py failed: {record['message']}"
                     raise InitFailed(record) from None
-                base = {k: v for k, v in ns.items() if not k.startswith("_")}
+                base = {
+                    k: v for k, v in ns.items() if not k.startswith("_") and v is not init_context
+                }
             self.init_globals = base
         return self.init_globals
 

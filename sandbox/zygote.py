@@ -1,11 +1,12 @@
 """The template process of one deployment (runs as its own exec'd interpreter).
 
 Started by ``sandbox.process.Zygote`` with a clean environment and one control socket. It
-compiles the deployment's code, imports RestrictedPython, the allowlisted modules and the
-declared dependencies, freezes the heap (``gc.freeze``) and then only forks: each fork is a
-worker that locks itself down (``oslimits``) and serves invocations (``worker``). It never
-runs user code itself and stays single-threaded, so forking it is safe and takes
-milliseconds.
+compiles the deployment's code, imports RestrictedPython and the allowlisted stdlib, moves
+into an empty network namespace, drops to the sandbox uid (as root), and only then imports
+the declared dependencies, whose import-time code is untrusted. It freezes the heap
+(``gc.freeze``) and then only forks: each fork is a worker that locks itself down
+(``oslimits``) and serves invocations (``worker``). It never runs handler code itself and
+stays single-threaded, so forking it is safe and takes milliseconds.
 
 Control requests (host -> template), one at a time, each answered:
     spawn  + fds [worker socket, log memfd]  ->  {pid} + fd [pidfd]
@@ -65,24 +66,39 @@ class Template:
         self.tmp_root: str = boot["tmp_root"]
         self.drop_uid = os.geteuid() == 0
         self.project: CompiledProject | None = None
+        self.path_fds: list[int] = []
         self.isolation = oslimits.Isolation(network_namespace=False, uid_drop=self.drop_uid)
 
     def boot(self) -> None:
-        sys.path[:0] = list(self.policy.module_paths)
+        """Compile, import the trusted modules, isolate, and only then, with privileges
+        dropped, import the declared dependencies: their import-time code is as untrusted
+        as a handler and never runs as root or with the host's network."""
         compiled = compile_project(self.files)
         if not isinstance(compiled, CompiledProject):
             raise RuntimeError("; ".join(str(e) for e in compiled))
         self.project = compiled
-        for name in sorted(self.policy.allowed_modules):
+        dependencies = set(self.policy.preload)
+        for name in sorted(self.policy.allowed_modules - dependencies):
             try:
                 importlib.import_module(name)
             except ImportError:
-                if name in self.policy.preload:
-                    raise
-        for name in (*_LAZY_STDLIB, *self.policy.preload):
+                pass
+        for name in _LAZY_STDLIB:
             importlib.import_module(name)
         netns = self.limits.network == "none" and oslimits.isolate_network()
         self.isolation = oslimits.Isolation(network_namespace=netns, uid_drop=self.drop_uid)
+        # Dependencies after the standard library, so one cannot shadow a stdlib module.
+        paths = [*sys.path, *self.policy.module_paths]
+        if self.drop_uid:
+            paths, self.path_fds = oslimits.paths_through_fds(paths)
+            self.tmp_root = oslimits.make_private_dir(
+                self.tmp_root, self.policy.sandbox_uid, self.policy.sandbox_gid, prefix="z"
+            )
+            oslimits.drop_privileges(self.policy)
+        sys.path[:] = paths
+        sys.path_importer_cache.clear()
+        for name in self.policy.preload:
+            importlib.import_module(name)
         gc.collect()
         gc.freeze()
 
@@ -150,14 +166,12 @@ class Template:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log = LogBuffer.attach(log_fd, self.limits.log_bytes)
         sock = socket.socket(fileno=sock_fd)
-        os.closerange(3, sock_fd)
-        os.closerange(sock_fd + 1, 65536)
-        uid = self.policy.sandbox_uid if self.drop_uid else None
-        gid = self.policy.sandbox_gid if self.drop_uid else None
-        os.chdir(oslimits.make_private_dir(self.tmp_root, uid, gid))
+        oslimits.close_fds_except({sock_fd, *self.path_fds})
+        # The template already runs as the sandbox uid: the directory is the worker's own.
+        os.chdir(oslimits.make_private_dir(self.tmp_root, None, None))
         os.environ.clear()
         sys.stdout = sys.stderr = _LogStream(log)  # type: ignore[assignment,unused-ignore]
-        oslimits.apply(self.limits, self.policy, drop_uid=self.drop_uid)
+        oslimits.apply(self.limits)
         assert self.project is not None
         Worker(sock, log, self.project, self.files, self.policy, self.limits).serve()
 
