@@ -25,7 +25,18 @@ from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from runtime import sessions
-from runtime.db import Database
+from runtime.db import Database, data_dir
+from runtime.dependencies import (
+    DependencyError,
+    Progress,
+    check_lock_covers,
+    check_requirements,
+    check_shadowing,
+    ensure_environment,
+    no_progress,
+    parse_lock,
+)
+from runtime.dependencies import resolve as resolve_lock
 from runtime.deployments import DeploymentInfo, Deployments
 from runtime.events import EventType, resolve
 from runtime.invocations import Invocation, from_result, get_invocation, list_invocations, store
@@ -115,26 +126,38 @@ class App:
 
     # -- deployments ------------------------------------------------------------------------
 
-    def deploy(self, source: str | Path | Project) -> DeploymentInfo:
-        """Deploy a project directory (or a Project): compile every file, boot it, and make
-        it the active version. On any error the version is stored as failed with every
-        error, DeployRejected is raised, and the previous version stays active."""
+    def deploy(
+        self, source: str | Path | Project, *, progress: Progress = no_progress
+    ) -> DeploymentInfo:
+        """Deploy a project directory (or a Project): compile every file, install its
+        dependencies, boot it, run init.py once, and make it the active version. On any
+        error the version is stored as failed with every error, DeployRejected is raised,
+        and the previous version stays active. ``progress(message, done, total)`` hears
+        about the long steps."""
         project = source if isinstance(source, Project) else read_project(source)
         limits = project.limits()
         version = self.deployments.create(project)
-        deployment = Deployment(
-            self.name, version, dict(project.files), limits, self.runtime.policy
-        )
+
+        def report(message: str, done: int | None, total: int | None) -> None:
+            self.deployments.set_progress(version, message)
+            progress(message, done, total)
+
         try:
-            validate(deployment)
+            validate(Deployment(self.name, version, dict(project.files), limits))
+            lock, policy = self.runtime.policy_for(project, report)
+            deployment = Deployment(self.name, version, dict(project.files), limits, policy)
+            report("starting", None, None)
             self.runtime.pool.prepare(deployment, init_capabilities=self._capabilities)
         except DeployRejected as exc:
             self.deployments.fail(version, exc.errors)
             raise
+        except DependencyError as exc:
+            self.deployments.fail(version, [exc.to_error()])
+            raise DeployRejected(exc.message, errors=[exc.to_error()]) from None
         except ChatfnError as exc:
             self.deployments.fail(version, [{"file": None, "line": None, "message": exc.message}])
             raise DeployRejected(f"version {version} failed to start: {exc.message}") from None
-        self.deployments.built(version)
+        self.deployments.built(version, lock)
         self.runtime.remember(deployment, self.id)
         return self.activate(version)
 
@@ -266,9 +289,12 @@ class Runtime:
         *,
         pool: WorkerPool | None = None,
         policy: Policy = DEFAULT_POLICY,
+        envs_dir: str | Path | None = None,
         background_workers: int = 4,
     ) -> None:
         self.db = Database(database_url)
+        # Installed dependency environments, one per lock (content-addressed).
+        self.envs_dir = Path(envs_dir) if envs_dir is not None else data_dir() / "envs"
         # The sandbox policy every deployment runs under (per-deployment dependencies
         # extend it).
         self.policy = policy
@@ -344,10 +370,33 @@ class Runtime:
         if cached is not None:
             return cached
         project = app.deployments.project(version)
-        deployment = Deployment(
-            app.name, version, dict(project.files), project.limits(), self.policy
-        )
+        _lock, policy = self.policy_for(project)
+        deployment = Deployment(app.name, version, dict(project.files), project.limits(), policy)
         return self.remember(deployment, app.id)
+
+    def policy_for(
+        self, project: Project, progress: Progress = no_progress
+    ) -> tuple[str | None, Policy]:
+        """The lock (resolved when the project has none) and the sandbox policy with the
+        project's declared dependencies installed and allowed."""
+        requirements = check_requirements(project.requirements or "")
+        if project.lock is not None:
+            lock = project.lock
+            pins = parse_lock(lock)
+            check_lock_covers(requirements, pins)
+        elif requirements:
+            lock = resolve_lock(project.requirements or "", progress)
+            pins = parse_lock(lock)
+        else:
+            return None, self.policy
+        if not pins:
+            return lock, self.policy
+        environment = ensure_environment(pins, self.envs_dir, progress)
+        active = [r for r in requirements if r.marker is None or r.marker.evaluate()]
+        declared = [r.name for r in active] if requirements else [p.name for p in pins]
+        check_shadowing(environment, declared)
+        modules = environment.modules_of(declared)
+        return lock, self.policy.with_modules(modules, paths=[str(environment.path)])
 
     def remember(self, deployment: Deployment, app_id: int | None = None) -> Deployment:
         if app_id is None:

@@ -27,6 +27,7 @@ class DeploymentInfo:
     handlers: list[str]
     created_at: datetime.datetime
     activated_at: datetime.datetime | None
+    progress: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +37,7 @@ class DeploymentInfo:
             "functions": self.handlers,
             "created_at": self.created_at.isoformat(),
             "activated_at": self.activated_at.isoformat() if self.activated_at else None,
+            "progress": self.progress,
         }
 
 
@@ -50,6 +52,7 @@ def _info(row: DeploymentRow) -> DeploymentInfo:
         handlers=handlers,
         created_at=row.created_at,
         activated_at=row.activated_at,
+        progress=row.progress,
     )
 
 
@@ -86,11 +89,15 @@ class Deployments:
         raise InvalidRequest("too many concurrent deploys of this app; try again")
 
     def fail(self, version: int, errors: list[dict[str, Any]]) -> None:
-        self._set(version, status="failed", errors=errors)
+        self._set(version, status="failed", errors=errors, progress=None)
 
-    def built(self, version: int) -> None:
-        """The version compiled and booted: it may now be activated."""
-        self._set(version, status="inactive")
+    def built(self, version: int, lock: str | None) -> None:
+        """The version compiled, installed and booted: it may now be activated. ``lock``
+        is the lock it was installed from (resolved on the server when none came)."""
+        self._set(version, status="inactive", progress=None, lock=lock)
+
+    def set_progress(self, version: int, message: str) -> None:
+        self._set(version, progress=message[:200])
 
     def _set(self, version: int, **values: Any) -> None:
         with self._db.session() as s:

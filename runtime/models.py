@@ -109,6 +109,8 @@ class DeploymentRow(Base):
     requirements: Mapped[str | None] = mapped_column(Text, nullable=True)
     lock: Mapped[str | None] = mapped_column(Text, nullable=True)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType, nullable=True)
+    # While building: the step it is on ("installing 3 distributions").
+    progress: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)
     activated_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 

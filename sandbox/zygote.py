@@ -57,6 +57,21 @@ class _LogStream:
         pass
 
 
+def _repoint_packages(moved: dict[str, str]) -> None:
+    """Packages imported before the uid drop find their submodules through ``__path__``:
+    point those at the same directories' ``/proc/self/fd`` paths too."""
+    prefixes = sorted(moved, key=len, reverse=True)
+    for module in list(sys.modules.values()):
+        search = getattr(module, "__path__", None)
+        if not isinstance(search, list):
+            continue
+        for i, entry in enumerate(search):
+            for prefix in prefixes:
+                if entry == prefix or entry.startswith(prefix + os.sep):
+                    search[i] = moved[prefix] + entry[len(prefix) :]
+                    break
+
+
 class Template:
     def __init__(self, ctl: socket.socket, boot: dict[str, Any]) -> None:
         self.ctl = ctl
@@ -90,7 +105,11 @@ class Template:
         # Dependencies after the standard library, so one cannot shadow a stdlib module.
         paths = [*sys.path, *self.policy.module_paths]
         if self.drop_uid:
-            paths, self.path_fds = oslimits.paths_through_fds(paths)
+            originals = paths
+            paths, self.path_fds = oslimits.paths_through_fds(originals)
+            _repoint_packages(
+                dict(zip([p for p in originals if p and os.path.isdir(p)], paths, strict=True))
+            )
             self.tmp_root = oslimits.make_private_dir(
                 self.tmp_root, self.policy.sandbox_uid, self.policy.sandbox_gid, prefix="z"
             )
