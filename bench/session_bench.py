@@ -1,10 +1,11 @@
 """Benchmarks of ``start_session`` through the async embedding API (``runtime.open_runtime``).
 
 One run, on a throwaway SQLite database in a temporary directory (the default backend, WAL),
-with the example project in ``functions/`` deployed to app ``bench`` and its DEMO_PASSWORD
-secret set (the UserAttemptedStartSession handler compares it with hmac, and creates the
-user on first sign-in; UserStartedSession only logs). Sequential kinds, measured in blocks
-interleaved with each other so a drift in the machine hits all of them alike:
+with the password project in ``tests/fixtures/password_functions`` deployed to app ``bench``
+and its DEMO_PASSWORD secret set (the UserAttemptedStartSession handler compares it with
+hmac, and creates the user on first sign-in; UserStartedSession only logs). Sequential
+kinds, measured in blocks interleaved with each other so a drift in the machine hits all of
+them alike:
 
 - returning:  ``start_session`` of a user that exists (the common case), back to back;
 - quiesced:   the same, but with the runtime's background work drained before each call,
@@ -64,7 +65,7 @@ from sqlalchemy import event
 from runtime import AsyncApp, AsyncRuntime, open_runtime
 from runtime.sessions import SessionResult
 
-FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
+FUNCTIONS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "password_functions"
 PASSWORD = "letmein"
 AUTH: dict[str, Any] = {"password": PASSWORD}
 USERS = 50  # returning users (and returning guests), used in turn

@@ -13,9 +13,21 @@ from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.progress import Progress as RichProgress
 
 from runtime.core import DEFAULT_APP, App, Runtime
+from runtime.dependencies import Progress, no_progress, parse_lock
+from runtime.dependencies import resolve as resolve_lock
 from runtime.invoke import invoke_project
+from runtime.project import LOCK, REQUIREMENTS
 from runtime.scaffold import scaffold
 from sandbox.errors import ChatfnError
 
@@ -81,6 +93,49 @@ def init(directory: Annotated[Path, typer.Argument(help="Where to create the pro
     typer.echo(f"next: chatfn invoke {directory} UserAttemptedStartSession --data '{{...}}'")
 
 
+@contextmanager
+def progress_display() -> Iterator[Progress]:
+    """A Rich progress bar on stderr for long steps (resolving, installing), when stderr
+    is a terminal; nothing otherwise, so scripts and logs get only the result lines."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield no_progress
+        return
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with RichProgress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("working", total=None)
+
+        def report(message: str, done: int | None, total: int | None) -> None:
+            bar.update(task, description=message, completed=done or 0, total=total)
+
+        yield report
+
+
+@app.command()
+def lock(
+    directory: Annotated[Path, typer.Argument(help="The function project directory.")],
+) -> None:
+    """Resolve requirements.in into requirements.txt: every version pinned, with hashes."""
+    source = directory / REQUIREMENTS
+    if not source.is_file():
+        fail(f"{directory} has no {REQUIREMENTS}")
+    try:
+        with progress_display() as report:
+            text = resolve_lock(source.read_text(encoding="utf-8"), report)
+        pins = parse_lock(text)
+    except ChatfnError as exc:
+        fail(exc.message)
+    target = directory / LOCK
+    target.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {target}: {len(pins)} distributions pinned with hashes")
+
+
 @app.command()
 def invoke(
     directory: Annotated[Path, typer.Argument(help="The function project directory.")],
@@ -102,9 +157,16 @@ def invoke(
             fail("--secret expects NAME=VALUE")
         secrets[name] = value
     try:
-        outcome = invoke_project(
-            directory, event, payload, secrets=secrets, users=user, guest_users=guest_users
-        )
+        with progress_display() as report:
+            outcome = invoke_project(
+                directory,
+                event,
+                payload,
+                secrets=secrets,
+                users=user,
+                guest_users=guest_users,
+                progress=report,
+            )
     except ChatfnError as exc:
         fail(exc.message)
     out = outcome.to_dict()

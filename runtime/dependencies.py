@@ -246,11 +246,13 @@ def _pip_failure(output: str, what: str) -> DependencyError:
         if match:
             requirement = match[1]
             if "satisfies" in pattern:
-                versions = (match[2] or "").strip()
-                shown = versions if len(versions) <= 200 else versions[:200] + "..."
+                versions = [v for v in (match[2] or "").split(", ") if v and v != "none"]
+                shown = ", ".join(versions[-8:])
+                if len(versions) > 8:
+                    shown = "..., " + shown
                 return DependencyError(
                     f"{what}: no version of {requirement} matches"
-                    + (f" (available: {shown})" if shown and shown != "none" else "")
+                    + (f" (available: {shown})" if shown else "")
                 )
             if "conflicting" in pattern:
                 return DependencyError(f"{what}: conflicting requirements: {requirement}")
@@ -382,8 +384,7 @@ def load_environment(path: Path, pins: list[Pin]) -> Environment:
             raise DependencyError(f"{pin.name} {pin.version} is missing after installation")
         if Version(installed.version) != Version(pin.version):
             raise DependencyError(
-                f"{pin.name} is installed at {installed.version}, but the lock says "
-                f"{pin.version}"
+                f"{pin.name} is installed at {installed.version}, but the lock says {pin.version}"
             )
         versions[pin.name] = installed.version
         modules[pin.name] = tuple(sorted(top_level_modules(installed)))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.core import Runtime
+from runtime.dependencies import Progress, no_progress
 from runtime.events import resolve
 from runtime.project import read_project
 from runtime.sessions import ATTEMPTED
@@ -54,6 +55,7 @@ def invoke_project(
     users: list[str] | None = None,
     guest_users: str = "enabled",
     pool: WorkerPool | None = None,
+    progress: Progress = no_progress,
 ) -> Outcome:
     """Deploy ``directory`` into a fresh store and run one event; errors in the project or
     the arguments raise ChatfnError, the handler's own outcome is returned."""
@@ -72,7 +74,7 @@ def invoke_project(
             app.secrets.set(name, value)
         for name in users or []:
             app.users.create_user(name)
-        app.deploy(project)
+        app.deploy(project, progress=progress)
         if event is ATTEMPTED:
             start = time.monotonic()
             result = app.start_session(data["username"], data["auth_params"])

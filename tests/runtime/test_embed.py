@@ -7,7 +7,7 @@ from pathlib import Path
 
 from runtime import open_runtime, open_runtime_sync
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "functions"
+EXAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "password_functions"
 
 
 def test_async_sessions_end_to_end(tmp_path: Path) -> None:

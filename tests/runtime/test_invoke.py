@@ -12,7 +12,7 @@ from runtime.cli import app
 from runtime.invoke import invoke_project
 from sandbox.errors import InvalidRequest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "functions"
+EXAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "password_functions"
 
 
 def test_example_accepts_the_right_password_and_creates_the_user() -> None:

@@ -350,7 +350,7 @@ def test_concurrent_guest_starts_create_one_user(runtime: Runtime) -> None:
 
 
 def test_the_example_project_end_to_end(runtime: Runtime) -> None:
-    example = Path(__file__).resolve().parents[2] / "functions"
+    example = Path(__file__).resolve().parents[1] / "fixtures" / "password_functions"
     app = runtime.create_app("example", guest_users="disabled")
     app.secrets.set("DEMO_PASSWORD", "letmein")
     app.deploy(example)
