@@ -165,8 +165,16 @@ class Zygote:
             host_end.close()
             log.close()
             raise WorkerCrashed(f"could not start a worker: {reply.get('error', 'no pidfd')}")
+        pid = reply.get("pid")
+        if type(pid) is not int or not self._is_own_child(fds[0], pid):
+            # The template runs dependency code: never signal a process it merely names.
+            os.close(fds[0])
+            host_end.close()
+            log.close()
+            self.stop()
+            raise WorkerCrashed("the template process answered with a handle to another process")
         reader = FrameReader(host_end, self.limits.max_frame_bytes)
-        handle = WorkerHandle(reply["pid"], fds[0], host_end, reader, log, started)
+        handle = WorkerHandle(pid, fds[0], host_end, reader, log, started)
         try:
             parse_worker_message(reader.read(started + SPAWN_TIMEOUT_S))
         except (EOFError, TimeoutError, ProtocolError):
@@ -174,6 +182,21 @@ class Zygote:
             self.reap(handle)
             raise WorkerCrashed("a new worker failed to start") from None
         return handle
+
+    def _is_own_child(self, pidfd: int, pid: int) -> bool:
+        """Does ``pidfd`` refer to ``pid``, and is that a child of this template? (The host
+        kills workers through these descriptors, as root.)"""
+        proc = self._proc
+        if proc is None:
+            return False
+        try:
+            with open(f"/proc/self/fdinfo/{pidfd}") as f:
+                fd_pid = next((ln.split()[1] for ln in f if ln.startswith("Pid:")), None)
+            with open(f"/proc/{pid}/status") as f:
+                ppid = next((ln.split()[1] for ln in f if ln.startswith("PPid:")), None)
+        except (OSError, IndexError):
+            return False
+        return fd_pid == str(pid) and ppid == str(proc.pid)
 
     def reap(self, handle: WorkerHandle, *, close: bool = True) -> dict[str, Any]:
         """Kill (if still running) and wait for one worker; returns how it ended."""

@@ -298,3 +298,22 @@ def test_a_deployment_that_does_not_compile_is_rejected_with_file_and_line(
     result = pool.invoke(d, "h", {})
     assert result.error is not None and result.error.code == "deploy_rejected"
     assert "h.py:2" in result.error.message
+
+
+def test_the_host_only_trusts_worker_handles_of_the_templates_own_children(
+    pool: WorkerPool,
+) -> None:
+    """The template runs dependency code, so a pidfd it sends is checked before the host
+    (as root) would ever signal through it."""
+    zygote = pool.prepare(deploy({})).zygote
+    worker = zygote.spawn()
+    try:
+        assert zygote._is_own_child(worker.pidfd, worker.pid)
+        assert not zygote._is_own_child(worker.pidfd, os.getpid())
+        own = os.pidfd_open(os.getpid())
+        try:
+            assert not zygote._is_own_child(own, os.getpid())
+        finally:
+            os.close(own)
+    finally:
+        zygote.reap(worker)
