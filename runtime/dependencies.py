@@ -138,11 +138,21 @@ def check_requirements(text: str, file: str = "requirements.in") -> list[Require
                 file=file,
                 line=number,
             )
+        if re.search(r"\.(whl|zip|tar|tgz|tar\.gz|tar\.bz2|tar\.xz)\s*(;|$)", line):
+            raise DependencyError(
+                f"{file}:{number}: {line!r} is a local path to an archive; only packages "
+                "from the package index can be declared",
+                file=file,
+                line=number,
+            )
         try:
             requirement = Requirement(line)
         except InvalidRequirement as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
             raise DependencyError(
-                f"{file}:{number}: not a valid requirement ({exc})", file=file, line=number
+                f"{file}:{number}: {line!r} is not a valid requirement ({reason})",
+                file=file,
+                line=number,
             ) from None
         if requirement.url:
             raise DependencyError(
@@ -276,7 +286,7 @@ def resolve(requirements_text: str, progress: Progress = no_progress) -> str:
             "--strip-extras", "--no-header", "--no-emit-index-url", "--no-emit-find-links",
             "--no-emit-trusted-host", "--no-emit-options", "--allow-unsafe",
             "--pip-args", "--only-binary=:all: --disable-pip-version-check",
-            "--output-file", str(output), str(source),
+            "--output-file", output.name, source.name,
         ]  # fmt: skip
         try:
             done = subprocess.run(
@@ -293,8 +303,22 @@ def resolve(requirements_text: str, progress: Progress = no_progress) -> str:
                 f"resolving requirements.in took longer than {PIP_TIMEOUT_S} s"
             ) from None
         if done.returncode != 0:
-            raise _pip_failure(done.stderr + done.stdout, "cannot resolve requirements.in")
+            error = _pip_failure(done.stderr + done.stdout, "cannot resolve requirements.in")
+            error.file, error.line = "requirements.in", _line_of(requirements_text, error.message)
+            raise error
         return output.read_text(encoding="utf-8")
+
+
+def _line_of(requirements_text: str, message: str) -> int | None:
+    """The line of requirements.in whose package the pip message is about, if one is."""
+    mentioned = {canonicalize_name(m) for m in re.findall(r"[A-Za-z0-9][A-Za-z0-9._-]*", message)}
+    for number, line in _logical_lines(requirements_text):
+        try:
+            if canonicalize_name(Requirement(line).name) in mentioned:
+                return number
+        except InvalidRequirement:
+            continue
+    return None
 
 
 def ensure_environment(

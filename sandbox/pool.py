@@ -258,7 +258,12 @@ class DeploymentPool:
         start = time.monotonic()
         frame = encode({"t": "init", "ctx": self._ctx(invocation_id)}, self.limits.max_frame_bytes)
         return self._exchange(
-            frame, capabilities, invocation_id, start, start + self.limits.timeout_ms / 1000
+            frame,
+            capabilities,
+            invocation_id,
+            start,
+            start + self.limits.timeout_ms / 1000,
+            counts=False,
         )
 
     def _ctx(self, invocation_id: str) -> dict[str, Any]:
@@ -275,9 +280,12 @@ class DeploymentPool:
         invocation_id: str,
         start: float,
         deadline: float,
+        *,
+        counts: bool = True,
     ) -> InvocationResult:
         """One request on a worker: acquire, send, answer host calls, read the result and
-        the log, then release the worker or retire it."""
+        the log, then release the worker or retire it. ``counts``: toward the worker's
+        ``max_invocations`` (the deploy-time init.py run does not)."""
         try:
             worker = self._acquire(deadline)
         except ChatfnError as exc:
@@ -291,7 +299,7 @@ class DeploymentPool:
         except OSError:
             error = self._crashed(worker)
         logs, truncated = worker.log.read()
-        worker.invocations += 1
+        worker.invocations += counts
         if worker.reaped:
             worker.close()
         elif (
