@@ -213,3 +213,18 @@ def test_changes_made_by_another_runtime_show_within_the_cache_time(
         assert b.settings() == {"guest_users": "disabled"}
         assert served(b) == 2
         assert b.secrets.values() == {"K": "v2"}
+
+
+def test_a_building_deployment_reports_its_progress(
+    runtime: Runtime, project: ProjectFactory
+) -> None:
+    app = runtime.create_app("progress")
+    seen: list[tuple[str, str | None, str]] = []
+
+    def progress(message: str, _done: int | None, _total: int | None) -> None:
+        building = app.deployments.list()[0]
+        seen.append((message, building.progress, building.status))
+
+    info = app.deploy(version_project(project, 1), progress=progress)
+    assert seen == [("starting", "starting", "building")]
+    assert info.status == "active" and info.progress is None
