@@ -411,6 +411,10 @@ class Runtime:
             if self._live.get(app) == version:
                 return
             self._live[app] = version
+            # Other versions' sandbox Deployments are rebuilt from the database if needed.
+            app_id = next((a.id for a in self._apps.values() if a.name == app), None)
+            for key in [k for k in self._deployments if k[0] == app_id and k[1] != version]:
+                del self._deployments[key]
         for (name, v), pool in self.pool.pools().items():
             if name == app and v != version:
                 self.pool.retire((name, v), grace_s=pool.limits.timeout_ms / 1000 + 1)

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -375,9 +376,10 @@ def _install(pins: list[Pin], staging: Path, progress: Progress) -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 output.append(line)
-                if line.startswith("Collecting "):
+                # "Collecting name==v" from an index; "Processing /path.whl" from find-links.
+                if line.startswith(("Collecting ", "Processing ")):
                     seen += 1
-                    progress(f"installing {line.split()[1]}", min(seen, total), total)
+                    progress(f"installing {Path(line.split()[1]).name}", min(seen, total), total)
             code = proc.wait(timeout=PIP_TIMEOUT_S)
     finally:
         requirements.unlink(missing_ok=True)
@@ -393,8 +395,26 @@ def _make_read_only(root: Path) -> None:
         os.chmod(directory, 0o555)
 
 
+_verified: dict[tuple[Path, str], Environment] = {}
+_verified_lock = threading.Lock()
+
+
 def load_environment(path: Path, pins: list[Pin]) -> Environment:
-    """Verify an installed environment against its pins and map its modules."""
+    """Verify an installed environment against its pins and map its modules (once per
+    process: environments are content-addressed and read-only)."""
+    key = (path, lock_key(pins))
+    with _verified_lock:
+        cached = _verified.get(key)
+    if cached is not None:
+        return cached
+    environment = _verify(path, pins)
+    if (path / ENV_MARKER).is_file():
+        with _verified_lock:
+            _verified[key] = environment
+    return environment
+
+
+def _verify(path: Path, pins: list[Pin]) -> Environment:
     found: dict[str, importlib.metadata.Distribution] = {}
     for dist in importlib.metadata.distributions(path=[str(path)]):
         name = dist.metadata["Name"]
