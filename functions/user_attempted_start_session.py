@@ -10,6 +10,8 @@ import jwt
 
 
 def handle_event(event, context):
+    if PUBLIC_KEY is None:
+        raise SessionRejected("This app is not configured: set its JWT_PUBLIC_KEY secret")
     token = event.auth_params.get("id_token")
     if not isinstance(token, str) or not token:
         raise SessionRejected("An id_token is required")

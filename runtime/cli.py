@@ -93,6 +93,28 @@ def init(directory: Annotated[Path, typer.Argument(help="Where to create the pro
     typer.echo(f"next: chatfn invoke {directory} UserAttemptedStartSession --data '{{...}}'")
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port to listen on.")] = 8080,
+    database: Annotated[
+        str | None,
+        typer.Option(help="A SQLAlchemy URL. Default: CHATFN_DATABASE_URL, else SQLite."),
+    ] = None,
+    example: Annotated[
+        bool, typer.Option(help="Deploy functions/ to the app 'default' on a new database.")
+    ] = True,
+) -> None:
+    """Serve the HTTP API and WebSocket sessions (Ctrl-C stops it gracefully)."""
+    from runtime.server.serve import EXAMPLE
+    from runtime.server.serve import serve as run_server
+
+    try:
+        run_server(host, port, database, example=EXAMPLE if example else None)
+    except ChatfnError as exc:
+        fail(exc.message)
+
+
 @contextmanager
 def progress_display() -> Iterator[Progress]:
     """A Rich progress bar on stderr for long steps (resolving, installing), when stderr

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from runtime import sessions
@@ -40,13 +40,13 @@ from runtime.dependencies import resolve as resolve_lock
 from runtime.deployments import DeploymentInfo, Deployments
 from runtime.events import EventType, resolve
 from runtime.invocations import Invocation, from_result, get_invocation, list_invocations, store
-from runtime.models import AppRow, DeploymentRow
+from runtime.models import AppRow, DeploymentRow, SessionRow
 from runtime.project import Project, read_project
 from runtime.secrets import Secrets
 from runtime.users import Users
 from runtime.validation import check_app_name, check_guest_users
 from sandbox import DEFAULT_POLICY, ChatfnError, Deployment, Policy, WorkerPool, validate
-from sandbox.errors import DeployRejected, InvalidRequest, NotDeployed, NotFound
+from sandbox.errors import AlreadyExists, DeployRejected, NotDeployed, NotFound
 
 log = logging.getLogger("chatfn.runtime")
 
@@ -135,8 +135,19 @@ class App:
         and the previous version stays active. ``progress(message, done, total)`` hears
         about the long steps."""
         project = source if isinstance(source, Project) else read_project(source)
+        return self.build(self.begin_deploy(project), project, progress=progress)
+
+    def begin_deploy(self, project: Project) -> int:
+        """Store ``project`` as a new version in status ``building``; ``build`` finishes
+        it (the HTTP API answers 202 in between)."""
+        project.limits()  # a bad manifest is refused before anything is stored
+        return self.deployments.create(project)
+
+    def build(
+        self, version: int, project: Project, *, progress: Progress = no_progress
+    ) -> DeploymentInfo:
+        """Compile, install, boot and activate a stored ``building`` version (see deploy)."""
         limits = project.limits()
-        version = self.deployments.create(project)
 
         def report(message: str, done: int | None, total: int | None) -> None:
             self.deployments.set_progress(version, message)
@@ -227,6 +238,7 @@ class App:
         if record:
             with self.runtime.db.write() as c:
                 store(c, self.id, invocation)
+        self.runtime.observe(invocation)
         return invocation
 
     def run_in_background(self, event: EventType, data: dict[str, Any], state: AppState) -> None:
@@ -248,11 +260,27 @@ class App:
         self.runtime.background(task)
 
     def invocations(
-        self, *, limit: int = 50, event: str | None = None, status: str | None = None
+        self,
+        *,
+        limit: int = 50,
+        event: str | None = None,
+        status: str | None = None,
+        since: datetime.datetime | None = None,
+        until: datetime.datetime | None = None,
+        before: str | None = None,
     ) -> list[Invocation]:
+        """The invocation log, newest first (see ``invocations.list_invocations``)."""
         event_name = resolve(event).name if event is not None else None
         return list_invocations(
-            self.runtime.db, self.id, self.name, limit=limit, event=event_name, status=status
+            self.runtime.db,
+            self.id,
+            self.name,
+            limit=limit,
+            event=event_name,
+            status=status,
+            since=since,
+            until=until,
+            before=before,
         )
 
     def invocation(self, invocation_id: str) -> Invocation:
@@ -310,6 +338,8 @@ class Runtime:
         )
         self._pending: set[concurrent.futures.Future[None]] = set()
         self._closed = False
+        # Called with every invocation that ran (metrics); must be quick and never raise.
+        self.observers: list[Callable[[Invocation], None]] = []
 
     # -- apps -------------------------------------------------------------------------------
 
@@ -323,7 +353,7 @@ class Runtime:
                 s.flush()
                 app_id = row.id
         except IntegrityError:
-            raise InvalidRequest(f"an app named {name!r} already exists") from None
+            raise AlreadyExists(f"an app named {name!r} already exists") from None
         return self._remember_app(app_id, name)
 
     def app(self, name: str) -> App:
@@ -346,8 +376,14 @@ class Runtime:
             pass
         try:
             return self.create_app(name)
-        except InvalidRequest:  # created concurrently
+        except AlreadyExists:  # created concurrently
             return self.app(name)
+
+    def active_session_count(self) -> int:
+        """Active sessions of every app (all nodes sharing the database)."""
+        query = select(func.count()).select_from(SessionRow).where(SessionRow.ended_at.is_(None))
+        with self.db.read() as c:
+            return int(c.execute(query).scalar_one())
 
     def apps(self) -> list[str]:
         with self.db.reading() as s:
@@ -418,6 +454,13 @@ class Runtime:
         for (name, v), pool in self.pool.pools().items():
             if name == app and v != version:
                 self.pool.retire((name, v), grace_s=pool.limits.timeout_ms / 1000 + 1)
+
+    def observe(self, invocation: Invocation) -> None:
+        for observer in self.observers:
+            try:
+                observer(invocation)
+            except Exception:  # an observer never fails an invocation
+                log.warning("invocation observer failed", exc_info=False)
 
     def retire_app(self, app: str) -> None:
         """Stop every worker of ``app`` now (its next invocation boots them again)."""

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, and_, insert, or_, select
 
 from runtime.db import Database
 from runtime.models import InvocationRow
@@ -49,6 +49,11 @@ class Invocation:
     @property
     def failed(self) -> bool:
         return not self.succeeded
+
+    @property
+    def cursor(self) -> str:
+        """Where a page that ends with this invocation stops (``before=`` of the next)."""
+        return f"{self.created_at.isoformat()}~{self.id}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,8 +147,12 @@ def list_invocations(
     limit: int = 50,
     event: str | None = None,
     status: str | None = None,
+    since: datetime.datetime | None = None,
+    until: datetime.datetime | None = None,
+    before: str | None = None,
 ) -> list[Invocation]:
-    """The newest first, optionally only one event type or status."""
+    """The newest first, optionally one event type or status, a time window, and only
+    those older than the ``before`` cursor (``Invocation.cursor`` of the last one seen)."""
     if not 1 <= limit <= MAX_LIST:
         raise InvalidRequest(f"limit must be 1 to {MAX_LIST}")
     if status not in (None, "succeeded", "failed"):
@@ -153,9 +162,32 @@ def list_invocations(
         query = query.where(InvocationRow.event == event)
     if status is not None:
         query = query.where(InvocationRow.status == status)
+    if since is not None:
+        query = query.where(InvocationRow.created_at >= since)
+    if until is not None:
+        query = query.where(InvocationRow.created_at < until)
+    if before is not None:
+        at, last_id = parse_cursor(before)
+        query = query.where(
+            or_(
+                InvocationRow.created_at < at,
+                and_(InvocationRow.created_at == at, InvocationRow.id > last_id),
+            )
+        )
     query = query.order_by(InvocationRow.created_at.desc(), InvocationRow.id).limit(limit)
     with db.reading() as s:
         return [_from_row(app, row) for row in s.scalars(query)]
+
+
+def parse_cursor(cursor: str) -> tuple[datetime.datetime, str]:
+    at, sep, last_id = cursor.partition("~")
+    try:
+        moment = datetime.datetime.fromisoformat(at)
+    except ValueError:
+        moment = None
+    if not sep or moment is None or moment.tzinfo is None or not last_id:
+        raise InvalidRequest("before must be a cursor from an earlier page")
+    return moment, last_id
 
 
 def get_invocation(db: Database, app_id: int, app: str, invocation_id: str) -> Invocation | None:

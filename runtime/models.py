@@ -154,3 +154,13 @@ class InvocationRow(Base):
     logs: Mapped[str] = mapped_column(Text, default="")
     logs_truncated: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AdminKeyRow(Base):
+    """The server's admin key: only its SHA-256 is stored (keys are random, 256 bits)."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)

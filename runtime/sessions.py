@@ -15,6 +15,7 @@ invocation log.
 
 from __future__ import annotations
 
+import enum
 import threading
 import uuid
 from dataclasses import dataclass
@@ -234,6 +235,29 @@ def _session_dict(row: SessionRow, user: UserRow) -> dict[str, Any]:
     return out
 
 
+class SessionState(enum.Enum):
+    """Where a connection's session is. ``Connection`` moves only along ``_TRANSITIONS``."""
+
+    IDLE = "idle"
+    STARTING = "starting"
+    ACTIVE = "active"
+    ENDING = "ending"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.IDLE: frozenset({SessionState.STARTING, SessionState.CLOSED}),
+    SessionState.STARTING: frozenset({SessionState.ACTIVE, SessionState.IDLE}),
+    SessionState.ACTIVE: frozenset({SessionState.ENDING}),
+    SessionState.ENDING: frozenset({SessionState.IDLE, SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
+}
+
+
+class IllegalTransition(InvalidRequest):
+    """A move the session state machine does not allow (a bug in the caller)."""
+
+
 class Connection:
     """One client connection: at most one active session; closing it ends the session as
     ``disconnected``. The WebSocket endpoint holds one per socket."""
@@ -242,34 +266,61 @@ class Connection:
         self.app = app
         self.id = uuid.uuid4().hex
         self.session_id: str | None = None
+        self.state = SessionState.IDLE
         self._lock = threading.Lock()
-        self.closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self.state is SessionState.CLOSED
+
+    def _move(self, to: SessionState) -> None:
+        if to not in _TRANSITIONS[self.state]:
+            raise IllegalTransition(f"a session cannot go from {self.state.value} to {to.value}")
+        self.state = to
 
     def start_session(self, username: Any, auth_params: Any = None) -> SessionResult:
         with self._lock:
-            if self.closed:
+            if self.state is SessionState.CLOSED:
                 return SessionResult(error=InvalidRequest("the connection is closed"))
-            if self.session_id is not None:
+            if self.state is not SessionState.IDLE:
                 return SessionResult(
                     error=SessionActive("this connection already has an active session")
                 )
-            result = start_session(self.app, username, auth_params, connection_id=self.id)
+            self._move(SessionState.STARTING)
+            try:
+                result = start_session(self.app, username, auth_params, connection_id=self.id)
+            except BaseException:
+                self._move(SessionState.IDLE)
+                raise
             if result.session is not None:
                 self.session_id = result.session["id"]
+                self._move(SessionState.ACTIVE)
+            else:
+                self._move(SessionState.IDLE)
             return result
 
     def end_session(self) -> dict[str, Any]:
         with self._lock:
-            if self.session_id is None:
+            if self.state is not SessionState.ACTIVE or self.session_id is None:
                 raise InvalidRequest("this connection has no active session")
+            self._move(SessionState.ENDING)
             session_id, self.session_id = self.session_id, None
-        return end_session(self.app, session_id, "ended")
+            try:
+                return end_session(self.app, session_id, "ended")
+            except NotFound:  # ended elsewhere meanwhile (an admin, another node)
+                raise InvalidRequest("this connection has no active session") from None
+            finally:
+                self._move(SessionState.IDLE)
 
     def close(self) -> None:
         """The connection dropped: end its session as ``disconnected``."""
         with self._lock:
-            self.closed = True
+            if self.state is SessionState.CLOSED:
+                return
             session_id, self.session_id = self.session_id, None
+            if self.state is SessionState.ACTIVE:
+                self._move(SessionState.ENDING)
+            self._move(SessionState.CLOSED)
         if session_id is not None:
             try:
                 end_session(self.app, session_id, "disconnected")
@@ -277,4 +328,4 @@ class Connection:
                 pass
 
 
-__all__ = ["Connection", "SessionResult", "end_session", "start_session"]
+__all__ = ["Connection", "SessionResult", "SessionState", "end_session", "start_session"]

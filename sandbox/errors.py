@@ -24,6 +24,8 @@ code can ``except`` them; ``to_dict``/``from_dict`` are the only way they travel
      +-- NotFound                    not_found          no such app, deployment version or
      |                                                   active session
      +-- StorageError                storage_error      the database cannot be opened or used
+     +-- AlreadyExists               already_exists     creating an app that exists
+     +-- Unauthorized                unauthorized       a missing or wrong admin key
 
 ``message`` is safe to show to whoever made the request; ``detail`` (a user traceback) is
 for the invocation log only and is never part of ``to_dict``.
@@ -140,6 +142,14 @@ class StorageError(ChatfnError):
     code = "storage_error"
 
 
+class AlreadyExists(ChatfnError):
+    code = "already_exists"
+
+
+class Unauthorized(ChatfnError):
+    code = "unauthorized"
+
+
 ERRORS_BY_CODE: dict[str, type[ChatfnError]] = {
     cls.code: cls
     for cls in (
@@ -158,5 +168,7 @@ ERRORS_BY_CODE: dict[str, type[ChatfnError]] = {
         DeployRejected,
         NotFound,
         StorageError,
+        AlreadyExists,
+        Unauthorized,
     )
 }

@@ -128,10 +128,20 @@ def test_the_session_hook_logs_the_new_session(app, key):
     assert [i.logs for i in started] == [f"session {result.session['id']} started for carol\n"]
 
 
-def test_a_deploy_without_the_public_key_is_rejected(chatfn_app):
+def test_without_the_public_key_every_session_is_rejected_saying_why(chatfn_app, key):
+    app = chatfn_app(FUNCTIONS)
+
+    result = app.start_session("alice", {"id_token": token(key, "alice")})
+
+    assert (result.error.code, result.error.message) == (
+        "access_denied",
+        "This app is not configured: set its JWT_PUBLIC_KEY secret",
+    )
+
+
+def test_a_public_key_that_is_not_a_key_fails_the_deploy(chatfn_app):
     from sandbox.errors import DeployRejected
 
     with pytest.raises(DeployRejected) as rejected:
-        chatfn_app(FUNCTIONS)
+        chatfn_app(FUNCTIONS, secrets={"JWT_PUBLIC_KEY": "not a pem"})
     assert rejected.value.errors[0]["file"] == "init.py"
-    assert "no secret named 'JWT_PUBLIC_KEY'" in rejected.value.errors[0]["message"]

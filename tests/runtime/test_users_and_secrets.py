@@ -7,7 +7,7 @@ import pytest
 
 from runtime.core import Runtime
 from runtime.secrets import redact
-from sandbox.errors import InvalidRequest, NotFound, UserExists, UserNotFound
+from sandbox.errors import AlreadyExists, InvalidRequest, NotFound, UserExists, UserNotFound
 
 
 def test_users_crud_and_pagination(runtime: Runtime) -> None:
@@ -85,7 +85,7 @@ def test_bad_app_names_are_refused(runtime: Runtime, name: str, message: str) ->
 
 def test_apps_are_unique_and_found_by_name(runtime: Runtime) -> None:
     runtime.create_app("unique-app")
-    with pytest.raises(InvalidRequest, match="already exists"):
+    with pytest.raises(AlreadyExists, match="already exists"):
         runtime.create_app("unique-app")
     with pytest.raises(NotFound, match="no app named 'missing-app'"):
         runtime.app("missing-app")

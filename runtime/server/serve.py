@@ -1,0 +1,88 @@
+"""``chatfn serve``: the runtime, the HTTP API and the WebSocket endpoint on uvicorn.
+
+On an empty database it creates the app ``default`` and deploys the repository's example
+project (``functions/``), prints the URLs and the admin key once, and serves until
+SIGINT/SIGTERM; then it closes every WebSocket (ending its session as ``disconnected``),
+finishes background hooks and builds, and stops every sandbox worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from runtime.admin_keys import AdminKeys
+from runtime.core import DEFAULT_APP, Runtime
+from runtime.db import safe_url
+from runtime.server.app import State, create_app
+from runtime.server.ws import MAX_MESSAGE_BYTES
+from sandbox.errors import ChatfnError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "functions"
+
+
+def prepare(database: str | None, *, example: Path | None) -> tuple[State, str | None]:
+    """Open the runtime, settle the admin key, and deploy the example on a new database."""
+    runtime = Runtime(database)
+    keys = AdminKeys(runtime.db)
+    try:
+        shown = keys.setup(os.environ.get("CHATFN_ADMIN_KEY"))
+    except ValueError as exc:
+        runtime.close()
+        raise ChatfnError(str(exc)) from None
+    app = runtime.ensure_app(DEFAULT_APP)
+    if example is not None and example.is_dir() and not app.deployments.list():
+        try:
+            info = app.deploy(example)
+            print(f"deployed {example} to app '{app.name}' as version {info.version}")
+        except ChatfnError as exc:
+            print(f"could not deploy the example {example}: {exc.message}", file=sys.stderr)
+    return State(runtime, keys), shown
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    database: str | None = None,
+    *,
+    example: Path | None = EXAMPLE,
+) -> None:
+    state, shown = prepare(database, example=example)
+    api = create_app(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.sessions.close_all()
+        state.close()
+        state.runtime.close()
+
+    api.router.lifespan_context = lifespan
+    base = f"http://{host}:{port}"
+    print(f"chatfn is serving on {base} (database {safe_url(state.runtime.db.url)})")
+    print(f"  API and docs:  {base}/docs")
+    print(f"  sessions:      ws://{host}:{port}/v1/apps/{DEFAULT_APP}/session")
+    if shown is not None:
+        print(f"  admin key:     {shown}")
+        print("                 (shown once; set CHATFN_ADMIN_KEY to choose your own)")
+    elif os.environ.get("CHATFN_ADMIN_KEY"):
+        print("  admin key:     from CHATFN_ADMIN_KEY")
+    else:
+        print("  admin key:     the one shown when this database was created")
+    sys.stdout.flush()
+    config = uvicorn.Config(
+        api,
+        host=host,
+        port=port,
+        log_level="warning",
+        ws_max_size=MAX_MESSAGE_BYTES * 4,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
