@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,16 @@ def prepare(database: str | None, *, example: Path | None) -> tuple[State, str |
     return State(runtime, keys), shown
 
 
+def _raise_open_file_limit() -> None:
+    """Every WebSocket is a descriptor: allow as many as the hard limit does (workers set
+    their own, low, limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
@@ -53,6 +64,7 @@ def serve(
     *,
     example: Path | None = EXAMPLE,
 ) -> None:
+    _raise_open_file_limit()
     state, shown = prepare(database, example=example)
     api = create_app(state)
 
