@@ -7,6 +7,7 @@ project is made of are kept; a single top-level folder (``functions/...``) is st
 
 from __future__ import annotations
 
+import gzip
 import io
 import re
 import tarfile
@@ -121,12 +122,26 @@ def read_archive(data: bytes) -> Project:
 
 
 def pack_project(directory: str | Path) -> bytes:
-    """A project directory as the tar.gz ``chatfn deploy`` uploads (checked first)."""
-    read_project(directory)
-    root = Path(directory)
+    """The project in ``directory`` as a tar.gz for ``POST .../deployments``: its code
+    files, chatfn.toml, requirements.in and requirements.txt, at the archive's top level,
+    nothing else. The project is read and checked first (``runtime.project.read_project``:
+    an ``InvalidRequest`` names the problem). The archive is deterministic: the same files
+    give the same bytes."""
+    project = read_project(directory)
+    members = dict(project.files)
+    for name, text in ((MANIFEST, project.manifest), (REQUIREMENTS, project.requirements)):
+        if text is not None:
+            members[name] = text
+    if project.lock is not None:
+        members[LOCK] = project.lock
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(root.iterdir()):
-            if path.is_file() and path.name in PROJECT_FILES:
-                tar.add(path, arcname=path.name, recursive=False)
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for name in sorted(members):
+            data = members[name].encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()

@@ -168,9 +168,11 @@ class App:
         except ChatfnError as exc:
             self.deployments.fail(version, [{"file": None, "line": None, "message": exc.message}])
             raise DeployRejected(f"version {version} failed to start: {exc.message}") from None
-        self.deployments.built(version, lock)
         self.runtime.remember(deployment, self.id)
-        return self.activate(version)
+        info = self.deployments.activate(version, finishing_build=True, lock=lock)
+        self.forget_state()
+        self.runtime.went_live(self.name, version)
+        return info
 
     def activate(self, version: int) -> DeploymentInfo:
         """Make a version that built the active one (a rollback, for an older version)."""

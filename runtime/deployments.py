@@ -91,11 +91,6 @@ class Deployments:
     def fail(self, version: int, errors: list[dict[str, Any]]) -> None:
         self._set(version, status="failed", errors=errors, progress=None)
 
-    def built(self, version: int, lock: str | None) -> None:
-        """The version compiled, installed and booted: it may now be activated. ``lock``
-        is the lock it was installed from (resolved on the server when none came)."""
-        self._set(version, status="inactive", progress=None, lock=lock)
-
     def set_progress(self, version: int, message: str) -> None:
         self._set(version, progress=message[:200])
 
@@ -107,11 +102,17 @@ class Deployments:
                 .values(**values)
             )
 
-    def activate(self, version: int) -> DeploymentInfo:
-        """Make ``version`` the active one, in one transaction with retiring the old one."""
+    def activate(
+        self, version: int, *, finishing_build: bool = False, lock: str | None = None
+    ) -> DeploymentInfo:
+        """Make ``version`` the active one, in one transaction with retiring the old one.
+        ``finishing_build``: the version is ``building`` and just built from ``lock``; it
+        goes straight to ``active`` (pollers never see it in between)."""
         with self._db.session() as s:
             row = self._row(s, version)
-            if row.status in ("building", "failed"):
+            if finishing_build and row.status == "building":
+                row.lock, row.progress = lock, None
+            elif row.status in ("building", "failed"):
                 raise InvalidRequest(
                     f"version {version} is {row.status}; only a version that built can be activated"
                 )

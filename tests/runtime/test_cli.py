@@ -1,9 +1,10 @@
 """The ``chatfn`` command line: ``init``, ``invoke`` (the session outcome matrix, ``--json``,
-exit codes) and ``users``/``settings`` against a local SQLite database.
+exit codes) and ``users``/``settings --local`` against a local SQLite database.
 
 Exit codes: 0 success, 1 the handler or the session failed, 2 bad input or any other error,
 reported as one ``error: ...`` line on stderr and never a traceback.
-(``tests/runtime/test_invoke.py`` covers the example project through ``invoke``.)
+(``tests/runtime/test_invoke.py`` covers the example project through ``invoke``;
+``tests/runtime/test_client.py`` and ``tests/e2e/`` the commands that talk to a server.)
 """
 
 from __future__ import annotations
@@ -415,6 +416,11 @@ def test_invoke_an_invalid_session_request_is_bad_input(
 # -- chatfn users and chatfn settings against a local database ----------------------------------
 
 
+def local(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
+    """A ``users``/``settings`` command on the local database (``--local``)."""
+    return chatfn(*args, "--local", env=env)
+
+
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/x.db"
@@ -434,10 +440,10 @@ def listed(result: Result) -> list[list[str]]:
 
 def test_users_create_get_list_update_delete(db_url: str) -> None:
     db = ("--database-url", db_url)
-    assert listed(chatfn("users", "list", *db)) == []
+    assert listed(local("users", "list", *db)) == []
 
     ada = json_of(
-        chatfn(
+        local(
             "users", "create", "ada", "--display-name", "Ada L.",
             "--properties", '{"plan": "pro", "n": [1, 2]}', *db,
         )
@@ -447,28 +453,28 @@ def test_users_create_get_list_update_delete(db_url: str) -> None:
     assert ada["properties"] == {"plan": "pro", "n": [1, 2]}
     assert set(ada) == {"name", "display_name", "is_guest", "properties", "created_at"}
 
-    bob = json_of(chatfn("users", "create", "bob", "--guest", *db))
+    bob = json_of(local("users", "create", "bob", "--guest", *db))
     assert (bob["display_name"], bob["is_guest"], bob["properties"]) == ("bob", True, {})
 
     # Each command opens the database afresh: the state is in the file.
-    assert json_of(chatfn("users", "get", "ada", *db)) == ada
-    assert listed(chatfn("users", "list", *db)) == [
+    assert json_of(local("users", "get", "ada", *db)) == ada
+    assert listed(local("users", "list", *db)) == [
         ["ada", "Ada L.", ada["created_at"]],
         ["bob", "bob (guest)", bob["created_at"]],
     ]
-    assert [row[0] for row in listed(chatfn("users", "list", "--limit", "1", *db))] == ["ada"]
-    assert [row[0] for row in listed(chatfn("users", "list", "--after", "ada", *db))] == ["bob"]
+    assert [row[0] for row in listed(local("users", "list", "--limit", "1", *db))] == ["ada"]
+    assert [row[0] for row in listed(local("users", "list", "--after", "ada", *db))] == ["bob"]
 
-    renamed = json_of(chatfn("users", "update", "ada", "--display-name", "Countess", *db))
+    renamed = json_of(local("users", "update", "ada", "--display-name", "Countess", *db))
     assert renamed == {**ada, "display_name": "Countess"}
-    replaced = json_of(chatfn("users", "update", "ada", "--properties", '{"plan": "free"}', *db))
+    replaced = json_of(local("users", "update", "ada", "--properties", '{"plan": "free"}', *db))
     assert replaced == {**ada, "display_name": "Countess", "properties": {"plan": "free"}}
-    assert json_of(chatfn("users", "get", "ada", *db)) == replaced
+    assert json_of(local("users", "get", "ada", *db)) == replaced
 
-    deleted = chatfn("users", "delete", "bob", *db)
+    deleted = local("users", "delete", "bob", *db)
     assert deleted.exit_code == 0 and deleted.stdout == "deleted bob\n"
-    assert [row[0] for row in listed(chatfn("users", "list", *db))] == ["ada"]
-    assert_error_line(chatfn("users", "get", "bob", *db), "no user named 'bob'")
+    assert [row[0] for row in listed(local("users", "list", *db))] == ["ada"]
+    assert_error_line(local("users", "get", "bob", *db), "no user named 'bob'")
 
 
 @pytest.mark.parametrize(
@@ -494,63 +500,61 @@ def test_users_create_get_list_update_delete(db_url: str) -> None:
 def test_local_database_errors_are_one_line(
     db_url: str, args: list[str], fragments: list[str]
 ) -> None:
-    assert chatfn("users", "create", "ada", "--database-url", db_url).exit_code == 0
-    assert_error_line(chatfn(*args, "--database-url", db_url), *fragments)
+    assert local("users", "create", "ada", "--database-url", db_url).exit_code == 0
+    assert_error_line(local(*args, "--database-url", db_url), *fragments)
     # A failed command changes nothing.
-    assert [row[0] for row in listed(chatfn("users", "list", "--database-url", db_url))] == ["ada"]
+    assert [row[0] for row in listed(local("users", "list", "--database-url", db_url))] == ["ada"]
 
 
 def test_settings_show_and_change_guest_users(db_url: str) -> None:
     db = ("--database-url", db_url)
-    assert json_of(chatfn("settings", *db)) == {"guest_users": "enabled"}
-    assert json_of(chatfn("settings", "--guest-users", "disabled", *db)) == {
+    assert json_of(local("settings", *db)) == {"guest_users": "enabled"}
+    assert json_of(local("settings", "--guest-users", "disabled", *db)) == {
         "guest_users": "disabled"
     }
-    assert json_of(chatfn("settings", *db)) == {"guest_users": "disabled"}
+    assert json_of(local("settings", *db)) == {"guest_users": "disabled"}
     with Runtime(db_url) as runtime:
         assert runtime.app("default").settings() == {"guest_users": "disabled"}
-    assert json_of(chatfn("settings", "--guest-users", "enabled", *db)) == {
-        "guest_users": "enabled"
-    }
-    assert json_of(chatfn("settings", *db)) == {"guest_users": "enabled"}
+    assert json_of(local("settings", "--guest-users", "enabled", *db)) == {"guest_users": "enabled"}
+    assert json_of(local("settings", *db)) == {"guest_users": "enabled"}
 
 
 def test_the_database_url_can_come_from_the_environment(tmp_path: Path) -> None:
     env = {"CHATFN_DATABASE_URL": f"sqlite:///{tmp_path}/env.db"}
-    assert json_of(chatfn("users", "create", "ada", env=env))["name"] == "ada"
-    assert json_of(chatfn("settings", "--guest-users", "disabled", env=env))
-    assert json_of(chatfn("users", "get", "ada", env=env))["name"] == "ada"
+    assert json_of(local("users", "create", "ada", env=env))["name"] == "ada"
+    assert json_of(local("settings", "--guest-users", "disabled", env=env))
+    assert json_of(local("users", "get", "ada", env=env))["name"] == "ada"
     assert (tmp_path / "env.db").is_file()
     # The same file through the option.
     other = ("--database-url", f"sqlite:///{tmp_path}/env.db")
-    assert json_of(chatfn("settings", *other)) == {"guest_users": "disabled"}
+    assert json_of(local("settings", *other)) == {"guest_users": "disabled"}
     assert not (tmp_path / "data").exists()  # the default location was never touched
 
 
 def test_the_option_wins_over_the_environment(tmp_path: Path) -> None:
     env = {"CHATFN_DATABASE_URL": f"sqlite:///{tmp_path}/env.db"}
     option = ("--database-url", f"sqlite:///{tmp_path}/option.db")
-    assert chatfn("users", "create", "ada", *option, env=env).exit_code == 0
-    assert listed(chatfn("users", "list", env=env)) == []
-    assert [row[0] for row in listed(chatfn("users", "list", *option, env=env))] == ["ada"]
+    assert local("users", "create", "ada", *option, env=env).exit_code == 0
+    assert listed(local("users", "list", env=env)) == []
+    assert [row[0] for row in listed(local("users", "list", *option, env=env))] == ["ada"]
 
 
 def test_without_a_url_the_database_is_in_the_data_dir(tmp_path: Path) -> None:
-    assert chatfn("users", "create", "ada").exit_code == 0
+    assert local("users", "create", "ada").exit_code == 0
     assert (tmp_path / "data" / "chatfn.db").is_file()
-    assert [row[0] for row in listed(chatfn("users", "list"))] == ["ada"]
+    assert [row[0] for row in listed(local("users", "list"))] == ["ada"]
 
 
 def test_users_are_per_app(db_url: str) -> None:
     with Runtime(db_url) as runtime:
         runtime.create_app("other")
     db = ("--database-url", db_url)
-    assert chatfn("users", "create", "ada", "--app", "other", *db).exit_code == 0
-    assert chatfn("users", "create", "bob", *db).exit_code == 0
-    assert [row[0] for row in listed(chatfn("users", "list", "--app", "other", *db))] == ["ada"]
-    assert [row[0] for row in listed(chatfn("users", "list", *db))] == ["bob"]
-    assert json_of(chatfn("settings", "--app", "other", "--guest-users", "disabled", *db))
-    assert json_of(chatfn("settings", *db)) == {"guest_users": "enabled"}
+    assert local("users", "create", "ada", "--app", "other", *db).exit_code == 0
+    assert local("users", "create", "bob", *db).exit_code == 0
+    assert [row[0] for row in listed(local("users", "list", "--app", "other", *db))] == ["ada"]
+    assert [row[0] for row in listed(local("users", "list", *db))] == ["bob"]
+    assert json_of(local("settings", "--app", "other", "--guest-users", "disabled", *db))
+    assert json_of(local("settings", *db)) == {"guest_users": "enabled"}
 
 
 @pytest.mark.parametrize("command", [["users", "list"], ["settings"]], ids=["users", "settings"])
@@ -566,4 +570,30 @@ def test_a_database_that_cannot_be_opened_is_one_line(
         url = f"sqlite:///{garbage}"
     else:
         url = f"sqlite:///{tmp_path}"
-    assert_error_line(chatfn(*command, "--database-url", url), "database")
+    assert_error_line(local(*command, "--database-url", url), "database")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["users", "list", "--database-url", "sqlite:///x.db"], "--database-url needs --local"),
+        (["settings", "--database-url", "sqlite:///x.db"], "--database-url needs --local"),
+        (["users", "list", "--local", "--url", "http://h:1"], "--url cannot be used with --local"),
+        (["settings", "--local", "--url", "http://h:1"], "--url cannot be used with --local"),
+    ],
+)
+def test_local_and_server_options_do_not_mix(
+    tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    """Without ``--local`` these commands talk to a server; a database option there (or a
+    server option with ``--local``) is a mistake, not something to ignore silently."""
+    assert_error_line(chatfn(*args, env={"CHATFN_ADMIN_KEY": "k" * 20}), fragment)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_the_database_url_environment_variable_does_not_make_a_command_local(
+    tmp_path: Path,
+) -> None:
+    env = {"CHATFN_DATABASE_URL": f"sqlite:///{tmp_path}/env.db", "CHATFN_ADMIN_KEY": None}
+    assert_error_line(chatfn("users", "list", env=env), "CHATFN_ADMIN_KEY is not set")
+    assert not (tmp_path / "env.db").exists()
