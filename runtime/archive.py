@@ -41,12 +41,18 @@ def _members(data: bytes) -> dict[PurePosixPath, bytes]:
         raise InvalidRequest(f"the archive is larger than {MAX_ARCHIVE_BYTES // 1024 // 1024} MiB")
     files: dict[PurePosixPath, bytes] = {}
     total = 0
+    count = 0
+
+    def counted() -> None:
+        """Every member counts toward the cap, kept or not, directories included."""
+        nonlocal count
+        count += 1
+        if count > MAX_MEMBERS:
+            raise InvalidRequest(f"the archive has more than {MAX_MEMBERS} members")
 
     def add(name: str, size: int, read: object) -> None:
         nonlocal total
         path = _checked_path(name)
-        if len(files) >= MAX_MEMBERS:
-            raise InvalidRequest(f"the archive has more than {MAX_MEMBERS} files")
         total += size
         if total > MAX_UNPACKED_BYTES:
             raise InvalidRequest(
@@ -62,6 +68,7 @@ def _members(data: bytes) -> dict[PurePosixPath, bytes]:
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
                 for member in tar:
+                    counted()
                     _checked_path(member.name)
                     if member.isdir():
                         continue
@@ -77,7 +84,11 @@ def _members(data: bytes) -> dict[PurePosixPath, bytes]:
     elif data[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                for info in archive.infolist():
+                infos = archive.infolist()
+                if len(infos) > MAX_MEMBERS:
+                    raise InvalidRequest(f"the archive has more than {MAX_MEMBERS} members")
+                for info in infos:
+                    counted()
                     _checked_path(info.filename)
                     if info.is_dir():
                         continue

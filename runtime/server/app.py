@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, WebSocket
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict, JsonValue, StrictBool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.admin_keys import AdminKeys
 from runtime.archive import MAX_ARCHIVE_BYTES, read_archive
@@ -27,6 +28,7 @@ from runtime.events import resolve
 from runtime.server import errors
 from runtime.server.metrics import Metrics
 from runtime.server.ws import SessionEndpoint
+from runtime.validation import check_auth_params, check_name
 from sandbox.errors import InvalidRequest, NotFound, Unauthorized, UserNotFound
 
 log = logging.getLogger("chatfn.server")
@@ -67,6 +69,40 @@ class State:
         self.calls.shutdown(wait=True)
 
 
+def check_authorization(header: str, keys: AdminKeys) -> str | None:
+    """What is wrong with an Authorization header, or None when it carries the key."""
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return "missing admin key: send Authorization: Bearer <CHATFN_ADMIN_KEY>"
+    if not keys.check(key.strip()):
+        return "wrong admin key"
+    return None
+
+
+class AdminOnly:
+    """ASGI middleware: admin HTTP routes (``/v1/...``, ``/metrics``) answer 401 before
+    their body is read or parsed. WebSockets pass (sessions authenticate through the
+    app's function)."""
+
+    def __init__(self, app: ASGIApp, keys: AdminKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/metrics"):
+            header = ""
+            for name, value in scope.get("headers", []):
+                if name == b"authorization":
+                    header = value.decode("latin-1")
+                    break
+            problem = check_authorization(header, self.keys)
+            if problem is not None:
+                await errors.error_response("unauthorized", problem)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # -- request bodies -------------------------------------------------------------------------
 
 
@@ -90,7 +126,7 @@ class SecretValue(_Body):
 class CreateUser(_Body):
     name: str
     display_name: str | None = None
-    is_guest: bool = False
+    is_guest: StrictBool = False
     properties: dict[str, JsonValue] | None = None
 
 
@@ -111,14 +147,13 @@ def create_app(state: State) -> FastAPI:
     )
     api.state.chatfn = state
     errors.install(api)
+    api.add_middleware(AdminOnly, keys=state.keys)
 
     async def admin(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized("missing admin key: send Authorization: Bearer <CHATFN_ADMIN_KEY>")
-        if not state.keys.check(key.strip()):
-            raise Unauthorized("wrong admin key")
+        """Documents the key in OpenAPI; ``AdminOnly`` has checked it before any parsing."""
+        problem = check_authorization(request.headers.get("authorization", ""), state.keys)
+        if problem is not None:
+            raise Unauthorized(problem)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(admin)])
     _apps(v1, state)
@@ -362,6 +397,9 @@ def _invocations_and_hooks(router: APIRouter, state: State) -> None:
             event_type = resolve(event)
         except InvalidRequest as exc:
             raise NotFound(exc.message) from None
+        if event_type.name == "UserAttemptedStartSession":  # DESIGN 6, step 1, here too
+            check_name(payload.get("username"))
+            check_auth_params(payload.get("auth_params"))
         inv = await state.call(target.invoke, event_type.name, payload)
         if inv.error is not None and inv.error.code == "invalid_request":
             raise inv.error

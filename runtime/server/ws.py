@@ -14,6 +14,7 @@ An unknown app closes the socket with code 4404.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -75,9 +76,16 @@ class SessionEndpoint:
         except RuntimeError:  # the socket was closed under us (server shutdown)
             pass
         finally:
-            self.connections.discard(connection)
             self.sockets.discard(websocket)
+            # Shielded: a cancelled endpoint (client gone, shutdown timeout) still ends the
+            # session and fires UserEndedSession.
+            await asyncio.shield(self._close(connection))
+
+    async def _close(self, connection: Connection) -> None:
+        try:
             await self.call(connection.close)
+        finally:
+            self.connections.discard(connection)
 
     async def handle(self, connection: Connection, raw: str) -> str:
         """One client message to one reply."""
