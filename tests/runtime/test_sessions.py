@@ -361,3 +361,22 @@ def test_the_example_project_end_to_end(runtime: Runtime) -> None:
     assert right.session is not None, right.error
     assert right.session["user"]["display_name"] == "Alice"
     assert right.session["user"]["properties"] == {"source": "demo"}
+
+
+def test_the_session_state_machine_refuses_illegal_moves(runtime: Runtime) -> None:
+    from runtime.sessions import IllegalTransition, SessionState
+
+    connection = runtime.ensure_app("state-machine").connect()
+    assert connection.state is SessionState.IDLE
+    with pytest.raises(IllegalTransition, match="from idle to active"):
+        connection._move(SessionState.ACTIVE)
+    assert connection.start_session("sm-user").succeeded
+    assert connection.state is SessionState.ACTIVE
+    with pytest.raises(IllegalTransition, match="from active to starting"):
+        connection._move(SessionState.STARTING)
+    connection.end_session()
+    assert connection.state is SessionState.IDLE
+    connection.close()
+    assert connection.state is SessionState.CLOSED
+    with pytest.raises(IllegalTransition, match="from closed to starting"):
+        connection._move(SessionState.STARTING)
