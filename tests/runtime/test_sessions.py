@@ -367,16 +367,20 @@ def test_the_session_state_machine_refuses_illegal_moves(runtime: Runtime) -> No
     from runtime.sessions import IllegalTransition, SessionState
 
     connection = runtime.ensure_app("state-machine").connect()
-    assert connection.state is SessionState.IDLE
+
+    def state() -> SessionState:  # read afresh each time (no narrowing across calls)
+        return connection.state
+
+    assert state() is SessionState.IDLE
     with pytest.raises(IllegalTransition, match="from idle to active"):
         connection._move(SessionState.ACTIVE)
     assert connection.start_session("sm-user").succeeded
-    assert connection.state is SessionState.ACTIVE
+    assert state() is SessionState.ACTIVE
     with pytest.raises(IllegalTransition, match="from active to starting"):
         connection._move(SessionState.STARTING)
     connection.end_session()
-    assert connection.state is SessionState.IDLE
+    assert state() is SessionState.IDLE
     connection.close()
-    assert connection.state is SessionState.CLOSED
+    assert state() is SessionState.CLOSED
     with pytest.raises(IllegalTransition, match="from closed to starting"):
         connection._move(SessionState.STARTING)
