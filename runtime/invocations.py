@@ -102,22 +102,26 @@ def from_result(
     )
 
 
+_INSERT = insert(InvocationRow)
+
+
 def store(connection: Connection, app_id: int, inv: Invocation) -> None:
     """Insert one invocation record (inside the caller's write transaction)."""
     connection.execute(
-        insert(InvocationRow).values(
-            id=inv.id,
-            app_id=app_id,
-            event=inv.event,
-            deployment_version=inv.deployment_version,
-            status=inv.status,
-            duration_ms=inv.duration_ms,
-            error_code=inv.error.code if inv.error else None,
-            error_message=inv.error.message if inv.error else None,
-            logs=inv.logs,
-            logs_truncated=inv.logs_truncated,
-            created_at=inv.created_at,
-        )
+        _INSERT,
+        {
+            "id": inv.id,
+            "app_id": app_id,
+            "event": inv.event,
+            "deployment_version": inv.deployment_version,
+            "status": inv.status,
+            "duration_ms": inv.duration_ms,
+            "error_code": inv.error.code if inv.error else None,
+            "error_message": inv.error.message if inv.error else None,
+            "logs": inv.logs,
+            "logs_truncated": inv.logs_truncated,
+            "created_at": inv.created_at,
+        },
     )
 
 

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from runtime.events import resolve
@@ -123,6 +123,9 @@ _USERS = UserRow.__table__
 _FIND_USER = select(_USERS).where(
     (_USERS.c.app_id == bindparam("app_id")) & (_USERS.c.name == bindparam("name"))
 )
+# Built once: a Core insert executed with a parameter dict skips statement construction.
+_INSERT_USER = insert(UserRow)
+_INSERT_SESSION = insert(SessionRow)
 
 
 def _store_session(
@@ -147,25 +150,29 @@ def _store_session(
                 else:
                     if user is None:
                         c.execute(
-                            insert(UserRow).values(
-                                app_id=app.id,
-                                name=username,
-                                display_name=username,
-                                is_guest=True,
-                                properties={},
-                                created_at=utcnow(),
-                            )
+                            _INSERT_USER,
+                            {
+                                "app_id": app.id,
+                                "name": username,
+                                "display_name": username,
+                                "is_guest": True,
+                                "properties": {},
+                                "created_at": utcnow(),
+                            },
                         )
                         user = c.execute(_FIND_USER, {"app_id": app.id, "name": username}).one()
                     started = utcnow()
                     c.execute(
-                        insert(SessionRow).values(
-                            id=session_id,
-                            app_id=app.id,
-                            user_id=user.id,
-                            connection_id=connection_id,
-                            started_at=started,
-                        )
+                        _INSERT_SESSION,
+                        {
+                            "id": session_id,
+                            "app_id": app.id,
+                            "user_id": user.id,
+                            "connection_id": connection_id,
+                            "started_at": started,
+                            "ended_at": None,
+                            "end_reason": None,
+                        },
                     )
                     return {
                         "id": session_id,
@@ -179,27 +186,42 @@ def _store_session(
     raise InvalidRequest("the user changed while the session was starting; try again")
 
 
+_END = (
+    update(SessionRow)
+    .where(
+        (SessionRow.id == bindparam("sid"))
+        & (SessionRow.app_id == bindparam("aid"))
+        & SessionRow.ended_at.is_(None)
+    )
+    .values(ended_at=bindparam("when"), end_reason=bindparam("why"))
+    .returning(SessionRow.user_id, SessionRow.started_at)
+)
+_USER_BY_ID = select(_USERS).where(_USERS.c.id == bindparam("user_id"))
+
+
 def end_session(app: App, session_id: str, reason: str = "ended") -> dict[str, Any]:
-    """End an active session and run UserEndedSession in the background."""
+    """End an active session and run UserEndedSession in the background. One UPDATE
+    decides it (a session ends once, whoever asks at the same time)."""
     if reason not in END_REASONS:
         raise InvalidRequest("reason must be 'ended' or 'disconnected'")
     if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
         raise InvalidRequest("session_id must be a session id string")
-    with app.runtime.db.session() as s:
-        found = s.execute(
-            select(SessionRow, UserRow)
-            .join(UserRow, UserRow.id == SessionRow.user_id)
-            .where(
-                SessionRow.id == session_id,
-                SessionRow.app_id == app.id,
-                SessionRow.ended_at.is_(None),
-            )
-        ).one_or_none()
+    ended_at = utcnow()
+    with app.runtime.db.write() as c:
+        found = c.execute(
+            _END,
+            {"sid": session_id, "aid": app.id, "when": ended_at, "why": reason},
+        ).first()
         if found is None:
             raise NotFound("no active session with that id")
-        row, user = found
-        row.ended_at, row.end_reason = utcnow(), reason
-        session = _session_dict(row, user)
+        user = c.execute(_USER_BY_ID, {"user_id": found.user_id}).one()
+    session = {
+        "id": session_id,
+        "user": user_dict(user),
+        "started_at": found.started_at.isoformat(),
+        "ended_at": ended_at.isoformat(),
+        "end_reason": reason,
+    }
     app.run_in_background(
         ENDED,
         {"user": session["user"], "session_id": session_id, "reason": reason},

@@ -43,7 +43,8 @@ class State:
     def __init__(self, runtime: Runtime, keys: AdminKeys) -> None:
         self.runtime = runtime
         self.keys = keys
-        self.calls = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="chatfn-call")
+        # Small: every write queues on one lock anyway, and more threads only add switches.
+        self.calls = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="chatfn-call")
         self.builds = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="chatfn-build")
         self.sessions = SessionEndpoint(runtime, self.call)
         self.metrics = Metrics(runtime, lambda: len(self.sessions.connections))

@@ -94,6 +94,9 @@ def serve(
         port=port,
         log_level="warning",
         ws_max_size=MAX_MESSAGE_BYTES * 4,
+        # Small JSON messages gain nothing from compression, and each compressing socket
+        # holds ~40 KB of zlib state (850 vs 425 MiB at 10,000 idle sessions).
+        ws_per_message_deflate=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
