@@ -25,6 +25,7 @@ from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from runtime import sessions
+from runtime.changes import Changes
 from runtime.db import Database, data_dir
 from runtime.dependencies import (
     DependencyError,
@@ -80,7 +81,9 @@ class App:
         self.id = app_id
         self.name = name
         self.users = Users(runtime.db, app_id)
-        self.secrets = Secrets(runtime.db, app_id)
+        self.secrets = Secrets(
+            runtime.db, app_id, on_change=lambda: runtime.changes.announce(app_id)
+        )
         self.deployments = Deployments(runtime.db, app_id)
         self._capabilities: dict[str, Callable[..., Any]] = {
             **self.users.capabilities(),
@@ -121,8 +124,12 @@ class App:
         self._state = (now, state)
         return state
 
-    def forget_state(self) -> None:
+    def forget_state(self, *, announce: bool = True) -> None:
+        """Drop the cached state (and secrets); with ``announce``, other nodes do too."""
         self._state = None
+        self.secrets.forget()
+        if announce:
+            self.runtime.changes.announce(self.id)
 
     # -- deployments ------------------------------------------------------------------------
 
@@ -342,6 +349,7 @@ class Runtime:
         self._closed = False
         # Called with every invocation that ran (metrics); must be quick and never raise.
         self.observers: list[Callable[[Invocation], None]] = []
+        self.changes = Changes(self.db, self._changed_elsewhere)
 
     # -- apps -------------------------------------------------------------------------------
 
@@ -509,7 +517,25 @@ class Runtime:
             pending = list(self._pending)
         concurrent.futures.wait(pending, timeout=timeout)
 
+    def _changed_elsewhere(self, app_id: int) -> None:
+        """A node (maybe this one) changed ``app_id``: drop its caches now, and warm its
+        active version in the background so the first session does not wait for it."""
+        with self._lock:
+            app = next((a for a in self._apps.values() if a.id == app_id), None)
+        if app is None:
+            return
+        app.forget_state(announce=False)
+
+        def warm() -> None:
+            version = app.state().version
+            if version is not None:
+                self.went_live(app.name, version)
+                self.pool.prepare(self.deployment(app, version))
+
+        self.background(warm)
+
     def close(self) -> None:
+        self.changes.close()
         self.drain()
         with self._lock:
             self._closed = True

@@ -19,7 +19,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from sandbox.errors import InvalidRequest, StorageError
@@ -69,8 +76,14 @@ class Database:
             parsed = make_url(self.url)
         except ArgumentError:
             raise InvalidRequest("the database URL is not a valid SQLAlchemy URL") from None
+        if parsed.drivername in ("postgresql", "postgres"):
+            # psycopg 3 is chatfn's PostgreSQL driver; a plain postgresql:// URL means it.
+            parsed = parsed.set(drivername="postgresql+psycopg")
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {}
+        if self.dialect == "postgresql":
+            # pre_ping: a connection the server dropped (a restart) is replaced, not used.
+            kwargs.update(pool_pre_ping=True, pool_size=20, max_overflow=20, pool_timeout=10)
         if self.dialect == "sqlite":
             path = parsed.database
             if not path or path == ":memory:":
@@ -97,26 +110,51 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One write transaction: committed on success, rolled back on any exception."""
-        with self._writer, self._sessions.begin() as session:
+        with (
+            self._unavailable_as_storage_error(),
+            self._writer,
+            self._sessions.begin() as session,
+        ):
             yield session
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One write transaction on a Core connection."""
-        with self._writer, self._write_engine.begin() as connection:
+        with (
+            self._unavailable_as_storage_error(),
+            self._writer,
+            self._write_engine.begin() as connection,
+        ):
             yield connection
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
         """A read-only ORM transaction (rolled back at the end)."""
-        with self._read_sessions() as session:
+        with self._unavailable_as_storage_error(), self._read_sessions() as session:
             yield session
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only transaction on a Core connection (rolled back at the end)."""
-        with self.engine.connect() as connection:
+        with self._unavailable_as_storage_error(), self.engine.connect() as connection:
             yield connection
+
+    @contextmanager
+    def _unavailable_as_storage_error(self) -> Iterator[None]:
+        """A database that is down or dropped the connection: StorageError, naming the
+        database (never its password); the pool reconnects once it is back."""
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            raise StorageError(
+                f"the database {safe_url(self.url)} is unavailable: {_reason(exc)}"
+            ) from None
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise StorageError(
+                f"the database {safe_url(self.url)} dropped the connection"
+            ) from None
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (a no-op when it already is).

@@ -7,7 +7,7 @@ Values are write-only from outside: they go to handlers (``context.secrets``) an
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select
@@ -19,7 +19,7 @@ from sandbox.errors import NotFound
 
 # How long secret values are reused before being read again (changes made through this
 # runtime show at once).
-VALUES_TTL_S = 1.0
+VALUES_TTL_S = 0.5
 
 _VALUES_QUERY = select(SecretRow.name, SecretRow.value).where(
     SecretRow.app_id == bindparam("app_id")
@@ -27,10 +27,16 @@ _VALUES_QUERY = select(SecretRow.name, SecretRow.value).where(
 
 
 class Secrets:
-    def __init__(self, db: Database, app_id: int) -> None:
+    def __init__(
+        self, db: Database, app_id: int, on_change: Callable[[], None] | None = None
+    ) -> None:
         self._db = db
         self._app_id = app_id
         self._cache: tuple[float, dict[str, str]] | None = None
+        self._on_change = on_change or (lambda: None)
+
+    def forget(self) -> None:
+        self._cache = None
 
     def set(self, name: str, value: str) -> None:
         check_secret_name(name)
@@ -42,6 +48,7 @@ class Secrets:
             else:
                 row.value, row.updated_at = value, utcnow()
         self._cache = None
+        self._on_change()
 
     def delete(self, name: str) -> None:
         check_secret_name(name)
@@ -52,6 +59,7 @@ class Secrets:
             self._cache = None
             if not gone.rowcount:  # type: ignore[attr-defined]
                 raise NotFound(f"no secret named {name!r}")
+        self._on_change()
 
     def names(self) -> list[dict[str, Any]]:
         """Each secret's name and when it was last set; never the value."""

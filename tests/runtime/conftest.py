@@ -1,5 +1,6 @@
-"""Fixtures for the runtime tests: a Runtime on a throwaway SQLite file, whose sandbox
-policy also allows the test dependencies (``crashy``, ``probe``), and project folders."""
+"""Fixtures for the runtime tests: a Runtime on a throwaway SQLite file and, for every
+module again, on a real PostgreSQL database, whose sandbox policy also allows the test
+dependencies (``crashy``, ``probe``); and project folders."""
 
 from __future__ import annotations
 
@@ -18,11 +19,19 @@ __all__ = ["dependency_dir"]
 ProjectFactory = Callable[..., Path]
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Each module's storage and runtime tests run on SQLite and on a real PostgreSQL."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres").new_database()
+        return url
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'chatfn.db'}"
+
+
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory, dependency_dir: Path) -> Iterator[Runtime]:
+def runtime(database_url: str, dependency_dir: Path) -> Iterator[Runtime]:
     policy = Policy().with_modules(["crashy"], paths=[str(dependency_dir)])
-    db = tmp_path_factory.mktemp("db") / "chatfn.db"
-    with Runtime(f"sqlite:///{db}", policy=policy) as rt:
+    with Runtime(database_url, policy=policy) as rt:
         yield rt
 
 
