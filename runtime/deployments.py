@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from runtime.db import Database
 from runtime.events import resolve
-from runtime.models import DeploymentRow, utcnow
+from runtime.models import AppRow, DeploymentRow, utcnow
 from runtime.project import Project
 from sandbox.errors import InvalidRequest, NotFound
 
@@ -109,6 +109,9 @@ class Deployments:
         ``finishing_build``: the version is ``building`` and just built from ``lock``; it
         goes straight to ``active`` (pollers never see it in between)."""
         with self._db.session() as s:
+            # One activation per app at a time, on every node: lock the app's row (a
+            # no-op on SQLite, whose writers are serialised anyway).
+            s.execute(select(AppRow.id).where(AppRow.id == self._app_id).with_for_update())
             row = self._row(s, version)
             if finishing_build and row.status == "building":
                 row.lock, row.progress = lock, None
