@@ -178,7 +178,7 @@ class App:
         self.runtime.remember(deployment, self.id)
         info = self.deployments.activate(version, finishing_build=True, lock=lock)
         self.forget_state()
-        self.runtime.went_live(self.name, version)
+        self.runtime.went_live(self.name, version, force=True)
         return info
 
     def activate(self, version: int) -> DeploymentInfo:
@@ -193,7 +193,7 @@ class App:
             )
         info = self.deployments.activate(version)
         self.forget_state()
-        self.runtime.went_live(self.name, version)
+        self.runtime.went_live(self.name, version, force=True)
         return info
 
     # -- invocations ------------------------------------------------------------------------
@@ -256,7 +256,10 @@ class App:
             return
 
         def task() -> None:
-            invocation = self.run(event, data, state)
+            now = self.state()  # the version live when the hook runs (cached, cheap)
+            if not self.has_handler(now, event):
+                return
+            invocation = self.run(event, data, now)
             if invocation.failed and invocation.error is not None:
                 log.info(
                     "%s %s failed: %s (invocation %s)",
@@ -450,11 +453,14 @@ class Runtime:
         with self._lock:
             return self._deployments.setdefault((app_id, deployment.version), deployment)
 
-    def went_live(self, app: str, version: int) -> None:
+    def went_live(self, app: str, version: int, *, force: bool = False) -> None:
         """Note ``version`` as the app's live one; the first time, retire the workers of
-        its other versions, letting in-flight invocations finish."""
+        its other versions, letting in-flight invocations finish. Without ``force`` (an
+        invocation that merely ran on ``version``), an older version than the one noted
+        changes nothing: a hook queued before a deploy must not retire its successor."""
         with self._lock:
-            if self._live.get(app) == version:
+            live = self._live.get(app)
+            if live == version or (not force and live is not None and version < live):
                 return
             self._live[app] = version
             # Other versions' sandbox Deployments are rebuilt from the database if needed.
@@ -529,7 +535,7 @@ class Runtime:
         def warm() -> None:
             version = app.state().version
             if version is not None:
-                self.went_live(app.name, version)
+                self.went_live(app.name, version, force=True)
                 self.pool.prepare(self.deployment(app, version))
 
         self.background(warm)

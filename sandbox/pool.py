@@ -420,6 +420,7 @@ class WorkerPool:
 
     tmp_root: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="chatfn-sandbox-"))
     _pools: dict[tuple[str, int], DeploymentPool] = field(default_factory=dict)
+    _booting: dict[tuple[str, int], threading.Event] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _janitor: threading.Thread | None = None
@@ -437,11 +438,35 @@ class WorkerPool:
     ) -> DeploymentPool:
         """Validate and boot a deployment (its template and ``warm`` workers). With
         ``init_capabilities``, init.py also runs once now, in a fresh worker, and a failure
-        is DeployRejected with its file and line (the deploy-time check)."""
-        with self._lock:
-            existing = self._pools.get(deployment.key)
-        if existing is not None:
-            return existing
+        is DeployRejected with its file and line (the deploy-time check). Concurrent calls
+        for one deployment boot it once: the others wait for that boot."""
+        while True:
+            with self._lock:
+                existing = self._pools.get(deployment.key)
+                if existing is not None:
+                    return existing
+                booting = self._booting.get(deployment.key)
+                if booting is None:
+                    done = self._booting[deployment.key] = threading.Event()
+                    break
+            booting.wait()  # then look again: the pool, or our turn to try
+        try:
+            pool = self._boot(deployment, warm, init_capabilities)
+            with self._lock:
+                self._pools[deployment.key] = pool
+                self._ensure_janitor()
+            return pool
+        finally:
+            with self._lock:
+                del self._booting[deployment.key]
+            done.set()
+
+    def _boot(
+        self,
+        deployment: Deployment,
+        warm: int,
+        init_capabilities: Mapping[str, HostCallFn] | None,
+    ) -> DeploymentPool:
         validate(deployment)
         pool = DeploymentPool(deployment, self.tmp_root)
         pool.start(warm)
@@ -450,14 +475,6 @@ class WorkerPool:
             if result.error is not None:
                 pool.close()
                 raise init_rejected(result.error)
-        with self._lock:
-            raced = self._pools.get(deployment.key)
-            if raced is None:
-                self._pools[deployment.key] = pool
-                self._ensure_janitor()
-        if raced is not None:
-            pool.close()
-            return raced
         return pool
 
     def invoke(

@@ -228,3 +228,15 @@ def test_a_building_deployment_reports_its_progress(
     info = app.deploy(version_project(project, 1), progress=progress)
     assert seen == [("starting", "starting", "building")]
     assert info.status == "active" and info.progress is None
+
+
+def test_a_hook_that_ran_on_an_older_version_does_not_retire_the_new_one(
+    runtime: Runtime, project: ProjectFactory
+) -> None:
+    app = runtime.create_app("stale-hook")
+    app.deploy(version_project(project, 1))
+    app.deploy(version_project(project, 2))
+    assert served(app) == 2
+    runtime.went_live(app.name, 1)  # what an invocation queued before the deploy reports
+    assert (app.name, 2) in runtime.pool.pools()
+    assert served(app) == 2

@@ -317,3 +317,17 @@ def test_the_host_only_trusts_worker_handles_of_the_templates_own_children(
             os.close(own)
     finally:
         zygote.reap(worker)
+
+
+def test_concurrent_prepares_of_one_deployment_boot_it_once(pool: WorkerPool) -> None:
+    deployment = deploy({})
+    barrier = threading.Barrier(8)
+
+    def prepare() -> object:
+        barrier.wait()
+        return pool.prepare(deployment)
+
+    with ThreadPoolExecutor(8) as executor:
+        pools = list(executor.map(lambda _: prepare(), range(8)))
+    assert len({id(p) for p in pools}) == 1
+    assert pool.pools()[deployment.key] is pools[0]
