@@ -30,9 +30,14 @@ class Isolation:
 
     network_namespace: bool
     uid_drop: bool
+    seccomp: bool = False
 
     def to_dict(self) -> dict[str, bool]:
-        return {"network_namespace": self.network_namespace, "uid_drop": self.uid_drop}
+        return {
+            "network_namespace": self.network_namespace,
+            "uid_drop": self.uid_drop,
+            "seccomp": self.seccomp,
+        }
 
 
 def prctl(option: int, value: int) -> None:
@@ -109,6 +114,10 @@ def drop_privileges(policy: Policy) -> None:
     os.setuid(policy.sandbox_uid)
     # Cleared by the uid change: set after it.
     prctl(PR_SET_DUMPABLE, 0)
+
+
+def no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def apply(limits: Limits) -> None:

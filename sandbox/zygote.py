@@ -15,6 +15,7 @@ Control requests (host -> template), one at a time, each answered:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import os
@@ -26,7 +27,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from sandbox import oslimits
+from sandbox import oslimits, seccomp
 from sandbox.compiler import CompiledProject, compile_project
 from sandbox.logbuf import LogBuffer
 from sandbox.policy import Limits, Policy
@@ -116,6 +117,12 @@ class Template:
             oslimits.drop_privileges(self.policy)
         sys.path[:] = paths
         sys.path_importer_cache.clear()
+        # From here on, the template and every worker forked from it run under the
+        # seccomp filter: the dependencies' import-time code included.
+        if seccomp.supported():
+            oslimits.no_new_privs()
+            seccomp.install(network=self.limits.network)
+            self.isolation = dataclasses.replace(self.isolation, seccomp=True)
         for name in self.policy.preload:
             importlib.import_module(name)
         gc.collect()

@@ -79,6 +79,42 @@ def dependency_dir() -> Iterator[Path]:
                     f.write(b"x" * n)
                 return n
 
+            def try_exec(path):
+                try:
+                    os.execv(path, [path, "-c", "true"])
+                except OSError as exc:
+                    return "refused: " + exc.strerror
+                return "executed"
+
+            def _libc():
+                import ctypes
+                return ctypes.CDLL(None, use_errno=True)
+
+            def try_ptrace(pid):
+                import ctypes
+                libc = _libc()
+                if libc.ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+                    return "refused: " + os.strerror(ctypes.get_errno())
+                return "attached"
+
+            def try_unshare():
+                import ctypes
+                libc = _libc()
+                if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+                    return "refused: " + os.strerror(ctypes.get_errno())
+                return "unshared"
+
+            def try_socket(family):
+                try:
+                    socket.socket(family, socket.SOCK_STREAM).close()
+                    return "created"
+                except OSError as exc:
+                    return "refused: " + exc.strerror
+
+            def imported_under_seccomp():
+                with open("/proc/self/status") as f:
+                    return [ln.split()[1] for ln in f if ln.startswith("Seccomp:")][0]
+
             def limits():
                 return {name: resource.getrlimit(getattr(resource, name))
                         for name in ("RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_NOFILE",

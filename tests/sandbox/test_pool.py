@@ -264,6 +264,7 @@ def test_isolation_of_the_worker_process(pool: WorkerPool, dependency_dir: Path)
             assert pool.pools()[d.key].stats()["isolation"] == {
                 "network_namespace": True,
                 "uid_drop": True,
+                "seccomp": True,
             }
     finally:
         secret_file.unlink()
