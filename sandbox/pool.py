@@ -497,6 +497,19 @@ class WorkerPool:
             handler, event, capabilities=capabilities or {}, invocation_id=invocation_id
         )
 
+    def probe_isolation(self) -> dict[str, bool]:
+        """Which isolation layers this machine gives a deployment (booted and retired
+        once: a template process reports what it could set up)."""
+        probe = Deployment(
+            "chatfn-probe",
+            0,
+            {"user_started_session.py": "def handle_event(event, context):\n    return None\n"},
+        )
+        try:
+            return dict(self.prepare(probe, warm=0).zygote.isolation)
+        finally:
+            self.retire(probe.key)
+
     def retire(self, key: tuple[str, int], *, grace_s: float = 0.0) -> None:
         """Stop a deployment's pool. With ``grace_s``, in-flight invocations get that long
         to finish, on a background thread, so the caller does not wait."""

@@ -47,6 +47,8 @@ class State:
         self.calls = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="chatfn-call")
         self.builds = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="chatfn-build")
         self.sessions = SessionEndpoint(runtime, self.call)
+        # The sandbox layers this machine gives deployments (``chatfn serve`` probes them).
+        self.isolation: dict[str, bool] = {}
         self.metrics = Metrics(runtime, lambda: len(self.sessions.connections))
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -166,7 +168,12 @@ def create_app(state: State) -> FastAPI:
     @api.get("/healthz", tags=["server"])
     async def healthz() -> dict[str, Any]:
         apps = await state.call(state.runtime.apps)
-        return {"status": "ok", "service": "chatfn", "apps": len(apps)}
+        return {
+            "status": "ok",
+            "service": "chatfn",
+            "apps": len(apps),
+            "sandbox": state.isolation,
+        }
 
     @api.get("/metrics", tags=["server"], dependencies=[Depends(admin)])
     async def metrics() -> Response:

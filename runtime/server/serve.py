@@ -66,6 +66,7 @@ def serve(
 ) -> None:
     _raise_open_file_limit()
     state, shown = prepare(database, example=example)
+    state.isolation = state.runtime.pool.probe_isolation()
     api = create_app(state)
 
     @contextlib.asynccontextmanager
@@ -87,6 +88,8 @@ def serve(
         print("  admin key:     from CHATFN_ADMIN_KEY")
     else:
         print("  admin key:     the one shown when this database was created")
+    layers = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in state.isolation.items())
+    print(f"  sandbox:       {layers}")
     sys.stdout.flush()
     config = uvicorn.Config(
         api,

@@ -152,7 +152,12 @@ def new_app(server: Server, name: str, **settings: str) -> AdminClient:
 
 def test_health_needs_no_key_and_metrics_do(server: Server) -> None:
     with server.admin(key=None) as anonymous:
-        assert anonymous.health()["status"] == "ok"
+        health = anonymous.health()
+        assert health["status"] == "ok"
+        # The sandbox layers the server probed at start (all of them, on this machine).
+        assert set(health["sandbox"]) >= {"uid_drop", "network_namespace", "seccomp"}
+        if os.geteuid() == 0:
+            assert all(health["sandbox"].values()), health["sandbox"]
         with pytest.raises(ChatfnClientError) as caught:
             anonymous.metrics()
     assert (caught.value.code, caught.value.status) == ("unauthorized", 401)
