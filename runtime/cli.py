@@ -51,6 +51,7 @@ from runtime.events import resolve as resolve_event
 from runtime.invoke import invoke_project
 from runtime.project import LOCK, MANIFEST, REQUIREMENTS
 from runtime.scaffold import scaffold
+from runtime.users import Users
 from sandbox.errors import ChatfnError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run chat functions.")
@@ -550,16 +551,27 @@ def settings(
                 echo_json(client.update_settings(guest_users=guest_users))
         return
     with local_app(app_name, database_url) as target:
-        try:
-            echo_json(target.update_settings(guest_users=guest_users))
-        except ChatfnError as exc:
-            fail(exc.message)
+        echo_json(target.update_settings(guest_users=guest_users))
 
 
 def echo_users(users: list[dict[str, Any]]) -> None:
     for u in users:
         guest = " (guest)" if u["is_guest"] else ""
         typer.echo(f"{u['name']}\t{u['display_name']}{guest}\t{u['created_at']}")
+
+
+@contextmanager
+def user_store(
+    ctx: typer.Context, local: bool, url: str, app_name: str, database_url: str | None
+) -> Iterator[Users | AdminClient]:
+    """The app's users: on the server, or with ``--local`` in the database. Both have the
+    same methods; any error becomes one line (``remote``, ``local_app``)."""
+    if use_local(ctx, local):
+        with local_app(app_name, database_url) as target:
+            yield target.users
+    else:
+        with remote(url, app_name) as client:
+            yield client
 
 
 @users_cli.command("list")
@@ -573,19 +585,14 @@ def users_list(
     database_url: DatabaseOption = None,
 ) -> None:
     """List users by name."""
-    if not use_local(ctx, local):
-        with remote(url, app_name) as client:
-            page = client.list_users(limit=limit, after=after)
-        echo_users(page.get("users") or [])
-        if page.get("next"):
-            typer.echo(f"more: --after {page['next']}", err=True)
-        return
-    with local_app(app_name, database_url) as target:
-        try:
-            users = target.users.list_users(limit=limit, after=after)
-        except ChatfnError as exc:
-            fail(exc.message)
-    echo_users(users)
+    with user_store(ctx, local, url, app_name, database_url) as users:
+        found = users.list_users(limit=limit, after=after)
+    if isinstance(found, dict):  # the server answers a page: {"users", "next"}
+        echo_users(found.get("users") or [])
+        if found.get("next"):
+            typer.echo(f"more: --after {found['next']}", err=True)
+    else:
+        echo_users(found)
 
 
 @users_cli.command("get")
@@ -598,15 +605,8 @@ def users_get(
     database_url: DatabaseOption = None,
 ) -> None:
     """Show one user as JSON."""
-    if not use_local(ctx, local):
-        with remote(url, app_name) as client:
-            echo_json(client.get_user(name))
-        return
-    with local_app(app_name, database_url) as target:
-        try:
-            user = target.users.get_user(name)
-        except ChatfnError as exc:
-            fail(exc.message)
+    with user_store(ctx, local, url, app_name, database_url) as users:
+        user = users.get_user(name)
     if user is None:
         fail(f"no user named {name!r}")
     echo_json(user)
@@ -626,15 +626,8 @@ def users_create(
 ) -> None:
     """Create a user."""
     props = parse_json_object(properties, "--properties") if properties is not None else None
-    if not use_local(ctx, local):
-        with remote(url, app_name) as client:
-            echo_json(client.create_user(name, display_name, guest, props))
-        return
-    with local_app(app_name, database_url) as target:
-        try:
-            echo_json(target.users.create_user(name, display_name, guest, props))
-        except ChatfnError as exc:
-            fail(exc.message)
+    with user_store(ctx, local, url, app_name, database_url) as users:
+        echo_json(users.create_user(name, display_name, guest, props))
 
 
 @users_cli.command("update")
@@ -656,15 +649,8 @@ def users_update(
         changes["properties"] = parse_json_object(properties, "--properties")
     if not changes:
         fail("nothing to change: give --display-name or --properties")
-    if not use_local(ctx, local):
-        with remote(url, app_name) as client:
-            echo_json(client.update_user(name, **changes))
-        return
-    with local_app(app_name, database_url) as target:
-        try:
-            echo_json(target.users.update_user(name, **changes))
-        except ChatfnError as exc:
-            fail(exc.message)
+    with user_store(ctx, local, url, app_name, database_url) as users:
+        echo_json(users.update_user(name, **changes))
 
 
 @users_cli.command("delete")
@@ -677,15 +663,8 @@ def users_delete(
     database_url: DatabaseOption = None,
 ) -> None:
     """Delete a user (and their sessions)."""
-    if not use_local(ctx, local):
-        with remote(url, app_name) as client:
-            client.delete_user(name)
-    else:
-        with local_app(app_name, database_url) as target:
-            try:
-                target.users.delete_user(name)
-            except ChatfnError as exc:
-                fail(exc.message)
+    with user_store(ctx, local, url, app_name, database_url) as users:
+        users.delete_user(name)
     typer.echo(f"deleted {name}")
 
 
