@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from runtime.events import resolve
 from runtime.invocations import Invocation, store
 from runtime.models import SessionRow, UserRow, utcnow
-from runtime.users import user_dict
+from runtime.users import USER_BY_ID, USER_BY_NAME, user_dict
 from runtime.validation import check_auth_params, check_name
 from sandbox.errors import (
     AccessDenied,
@@ -119,10 +119,6 @@ def start_session(
     return SessionResult(session=session, invocation=invocation)
 
 
-_USERS = UserRow.__table__
-_FIND_USER = select(_USERS).where(
-    (_USERS.c.app_id == bindparam("app_id")) & (_USERS.c.name == bindparam("name"))
-)
 # Built once: a Core insert executed with a parameter dict skips statement construction.
 _INSERT_USER = insert(UserRow)
 _INSERT_SESSION = insert(SessionRow)
@@ -144,7 +140,7 @@ def _store_session(
             with app.runtime.db.write() as c:
                 if invocation is not None:
                     store(c, app.id, invocation)
-                user = c.execute(_FIND_USER, {"app_id": app.id, "name": username}).first()
+                user = c.execute(USER_BY_NAME, {"app_id": app.id, "name": username}).first()
                 if user is None and state.guest_users != "enabled":
                     missing = True
                 else:
@@ -160,7 +156,7 @@ def _store_session(
                                 "created_at": utcnow(),
                             },
                         )
-                        user = c.execute(_FIND_USER, {"app_id": app.id, "name": username}).one()
+                        user = c.execute(USER_BY_NAME, {"app_id": app.id, "name": username}).one()
                     started = utcnow()
                     c.execute(
                         _INSERT_SESSION,
@@ -196,7 +192,6 @@ _END = (
     .values(ended_at=bindparam("when"), end_reason=bindparam("why"))
     .returning(SessionRow.user_id, SessionRow.started_at)
 )
-_USER_BY_ID = select(_USERS).where(_USERS.c.id == bindparam("user_id"))
 
 
 def end_session(app: App, session_id: str, reason: str = "ended") -> dict[str, Any]:
@@ -214,7 +209,7 @@ def end_session(app: App, session_id: str, reason: str = "ended") -> dict[str, A
         ).first()
         if found is None:
             raise NotFound("no active session with that id")
-        user = c.execute(_USER_BY_ID, {"user_id": found.user_id}).one()
+        user = c.execute(USER_BY_ID, {"user_id": found.user_id}).one()
     session = {
         "id": session_id,
         "user": user_dict(user),

@@ -22,7 +22,9 @@ MAX_LIST = 1000
 _USERS = UserRow.__table__
 _BY_NAME = (_USERS.c.app_id == bindparam("app_id")) & (_USERS.c.name == bindparam("name"))
 _EXISTS = select(_USERS.c.id).where(_BY_NAME)
-_GET = select(_USERS).where(_BY_NAME)
+# Core statements built once; parameters ``app_id`` and ``name`` (``user_id``).
+USER_BY_NAME = select(_USERS).where(_BY_NAME)
+USER_BY_ID = select(_USERS).where(_USERS.c.id == bindparam("user_id"))
 
 
 def user_dict(row: Any) -> dict[str, Any]:
@@ -55,7 +57,7 @@ class Users:
     def get_user(self, name: str) -> dict[str, Any] | None:
         check_name(name)
         with self._db.read() as c:
-            row = c.execute(_GET, {"app_id": self._app_id, "name": name}).first()
+            row = c.execute(USER_BY_NAME, {"app_id": self._app_id, "name": name}).first()
         return None if row is None else user_dict(row)
 
     def create_user(

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, WebSocket
 from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, JsonValue, StrictBool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -29,7 +30,7 @@ from runtime.server import errors
 from runtime.server.metrics import Metrics
 from runtime.server.ws import SessionEndpoint
 from runtime.validation import check_auth_params, check_name
-from sandbox.errors import InvalidRequest, NotFound, Unauthorized, UserNotFound
+from sandbox.errors import InvalidRequest, NotFound, UserNotFound
 
 log = logging.getLogger("chatfn.server")
 T = TypeVar("T")
@@ -152,11 +153,9 @@ def create_app(state: State) -> FastAPI:
     errors.install(api)
     api.add_middleware(AdminOnly, keys=state.keys)
 
-    async def admin(request: Request) -> None:
-        """Documents the key in OpenAPI; ``AdminOnly`` has checked it before any parsing."""
-        problem = check_authorization(request.headers.get("authorization", ""), state.keys)
-        if problem is not None:
-            raise Unauthorized(problem)
+    # Only documents the bearer key in OpenAPI: ``AdminOnly`` has already checked it,
+    # once, before any body was read.
+    admin = HTTPBearer(auto_error=False, description="The admin key (CHATFN_ADMIN_KEY).")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(admin)])
     _apps(v1, state)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from runtime.core import Runtime
+from runtime.core import App, Runtime
+from runtime.invocations import Invocation
 from sandbox import Policy
 from tests.sandbox.conftest import dependency_dir
 
@@ -49,3 +51,20 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> ProjectFactory:
         return root
 
     return make
+
+
+def invoke(app: App, what: str = "s") -> Invocation:
+    """Run the app's UserStartedSession handler; ``what`` arrives as ``event.session_id``."""
+    return app.invoke("UserStartedSession", {"user": {}, "session_id": what})
+
+
+def served(app: App, what: str = "s") -> Any:
+    """What that handler returned (the invocation must succeed)."""
+    inv = invoke(app, what)
+    assert inv.succeeded, (inv.error, inv.logs)
+    return inv.result
+
+
+def version_project(project: ProjectFactory, n: int) -> Path:
+    """A project whose UserStartedSession handler returns ``n``."""
+    return project(user_started_session=f"def handle_event(event, context):\n    return {n}\n")

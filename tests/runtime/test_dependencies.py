@@ -37,8 +37,8 @@ from runtime.dependencies import (
     parse_lock,
     resolve,
 )
-from runtime.invocations import Invocation
 from sandbox.errors import DeployRejected
+from tests.runtime.conftest import invoke, served
 
 ROOT = os.geteuid() == 0
 SANDBOX_UID = 65534
@@ -222,17 +222,6 @@ def write_project(
     if init is not None:
         (root / "init.py").write_text(textwrap.dedent(init))
     return root
-
-
-def invoke(app: App, what: str = "s") -> Invocation:
-    """Run the UserStartedSession handler; ``what`` arrives as ``event.session_id``."""
-    return app.invoke("UserStartedSession", {"user": {}, "session_id": what})
-
-
-def served(app: App, what: str = "s") -> Any:
-    inv = invoke(app, what)
-    assert inv.succeeded, (inv.error, inv.logs)
-    return inv.result
 
 
 def recorder() -> tuple[Messages, Progress]:

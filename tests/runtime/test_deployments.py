@@ -10,22 +10,12 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from runtime.core import App, Runtime
+from runtime.core import Runtime
 from runtime.invocations import Invocation
 from runtime.models import DeploymentRow
 from sandbox import Policy
 from sandbox.errors import DeployRejected, InvalidRequest, NotFound
-from tests.runtime.conftest import ProjectFactory
-
-
-def version_project(project: ProjectFactory, n: int) -> Path:
-    return project(user_started_session=f"def handle_event(event, context):\n    return {n}\n")
-
-
-def served(app: App) -> object:
-    inv = app.invoke("UserStartedSession", {"user": {}, "session_id": "s"})
-    assert inv.succeeded, inv.error
-    return inv.result
+from tests.runtime.conftest import ProjectFactory, served, version_project
 
 
 def test_a_failed_deploy_reports_every_error_and_keeps_the_previous_version(

@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import textwrap
 import time
-from typing import Any
 
 import pytest
 
 from runtime.core import App, Runtime
-from runtime.invocations import Invocation
 from sandbox.errors import DeployRejected
-from tests.runtime.conftest import ProjectFactory
-
-
-def invoke(app: App, what: str = "s") -> Invocation:
-    return app.invoke("UserStartedSession", {"user": {}, "session_id": what})
-
-
-def served(app: App, what: str = "s") -> Any:
-    inv = invoke(app, what)
-    assert inv.succeeded, (inv.error, inv.logs)
-    return inv.result
+from tests.runtime.conftest import ProjectFactory, invoke, served
 
 
 def line_of(source: str, fragment: str) -> int:

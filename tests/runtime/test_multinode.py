@@ -7,24 +7,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from runtime.core import App, Runtime
 from sandbox.errors import StorageError, UserExists
 from tests.postgres import PostgresServer
-from tests.runtime.conftest import ProjectFactory
-
-
-def version_project(project: ProjectFactory, n: int) -> Path:
-    return project(user_started_session=f"def handle_event(event, context):\n    return {n}\n")
-
-
-def served(app: App) -> object:
-    inv = app.invoke("UserStartedSession", {"user": {}, "session_id": "s"})
-    assert inv.succeeded, inv.error
-    return inv.result
+from tests.runtime.conftest import ProjectFactory, served, version_project
 
 
 def within(seconds: float, check: Callable[[], bool]) -> float:
