@@ -53,12 +53,10 @@ about a tenth of the iterations, as a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import gc
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import subprocess
@@ -73,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
+from benchlib import emit, fmt, log, machine_basics, parser, percentile, since_ms
 from sqlalchemy import event
 
 import runtime.core
@@ -170,14 +169,6 @@ class Iterations:
 # ---- measuring ----------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * p // 100)))
-    return sorted_values[int(rank) - 1]
-
-
 def summarize(ms: list[float]) -> dict[str, float]:
     values = sorted(ms)
     return {
@@ -186,15 +177,6 @@ def summarize(ms: list[float]) -> dict[str, float]:
         "max": values[-1] if values else float("nan"),
         "mean": sum(values) / len(values) if values else float("nan"),
     }
-
-
-def log(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def since_ms(t0: int) -> float:
-    return (time.perf_counter_ns() - t0) / 1e6
 
 
 # ---- keys and tokens (openssl) ------------------------------------------------------------
@@ -345,7 +327,6 @@ class Phases:
         wrap(Zygote, "start", "template boot")
         wrap(Zygote, "spawn", "first worker spawn")
         wrap(DeploymentPool, "run_init", "init.py")
-        wrap(Deployments, "built", "db: built")
         wrap(App, "activate", "activate")
         wrap(Deployments, "get", "db: activate")
         wrap(Deployments, "activate", "db: activate")
@@ -637,22 +618,8 @@ def targets(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def machine(load_before: float, lock: str) -> dict[str, Any]:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "kernel": platform.release(),
+        **machine_basics(),
         "euid": os.geteuid(),
         "sqlite": sqlite3.sqlite_version,
         "sqlalchemy": sqlalchemy.__version__,
@@ -690,14 +657,6 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
 
 
 # ---- report -------------------------------------------------------------------------------
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def markdown(r: Mapping[str, Any]) -> str:
@@ -798,18 +757,10 @@ def markdown(r: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     it = Iterations.quick() if args.quick else Iterations.full()
     results = run(it, quick=args.quick, quiet=args.quiet)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(markdown(results))
-    return 0
+    return emit(results, args.json, markdown)
 
 
 if __name__ == "__main__":

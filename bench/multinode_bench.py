@@ -58,11 +58,9 @@ object and nothing else on stdout (progress goes to stderr, ``--quiet`` drops it
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import os
 import secrets
 import signal
@@ -78,6 +76,7 @@ from typing import Any
 import httpx
 import orjson
 import server_bench as sb
+from benchlib import emit, fmt, log, parser, percentile
 from websockets.asyncio.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,7 +330,7 @@ class Bench:
     def setup(self) -> dict[str, Any]:
         from runtime.archive import pack_project
 
-        sb.log(self.quiet, "creating apps on node A; deploying the password project to 'bench'")
+        log(self.quiet, "creating apps on node A; deploying the password project to 'bench'")
         for app in (GUEST_APP, HANDLER_APP, PROBE_APP, GATE_APP):
             self.api.call("POST", "/v1/apps", json={"name": app})
         t0 = time.monotonic()
@@ -359,7 +358,7 @@ class Bench:
             sb.ws_connect(f"{b.ws_base}/v1/apps/{PROBE_APP}/session") as probe_ws,
             sb.ws_connect(f"{b.ws_base}/v1/apps/{GATE_APP}/session") as gate_ws,
         ):
-            sb.log(self.quiet, f"propagation: {it.deploy_warmup} + {it.deploys} deploys on A")
+            log(self.quiet, f"propagation: {it.deploy_warmup} + {it.deploys} deploys on A")
             with ChildWatch(b.pid) as watch:
                 for n in range(it.deploy_warmup + it.deploys):
                     t0 = time.monotonic()
@@ -368,17 +367,17 @@ class Bench:
                     sample["b_templates"] = float(watch.started_between(t0, time.monotonic()))
                     if n >= it.deploy_warmup:
                         out["deploy"].append(sample)
-                sb.log(self.quiet, f"propagation: deploys on A while B serves '{PROBE_APP}' "
+                log(self.quiet, f"propagation: deploys on A while B serves '{PROBE_APP}' "
                        f"to {it.loaded_sockets} sockets")  # fmt: skip
                 out["deploy_loaded"], out["loaded"] = await self._loaded_deploys(
                     on_a, probe_ws, watch
                 )
-            sb.log(self.quiet, f"propagation: {it.settings_changes} guest_users changes on A")
+            log(self.quiet, f"propagation: {it.settings_changes} guest_users changes on A")
             for n in range(it.settings_changes):
                 wanted = "disabled" if n % 2 == 0 else "enabled"
                 out["settings"].append(await self._setting(on_a, gate_ws, wanted, n))
                 await asyncio.sleep(it.pause_s)
-            sb.log(self.quiet, f"propagation: {it.secret_changes} secret changes on A")
+            log(self.quiet, f"propagation: {it.secret_changes} secret changes on A")
             for n in range(it.secret_changes):
                 out["secret"].append(await self._secret(on_a, on_b, f"s{n + 1}"))
                 await asyncio.sleep(it.pause_s)
@@ -423,8 +422,8 @@ class Bench:
         lat = sorted(v for a in answers for v in a["latencies_ms"])
         load = {
             "per_s": len(lat) / it.loaded_window_s,
-            "p50_ms": sb.percentile(lat, 50),
-            "p99_ms": sb.percentile(lat, 99),
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
             "max_ms": lat[-1] if lat else float("nan"),
             "errors": sum(a["errors"] for a in answers),
             "first_errors": [e for a in answers for e in a["first_errors"]][:3],
@@ -650,7 +649,7 @@ class Bench:
         it = self.it
         self.ensure_clients()
         out: dict[str, list[dict[str, Any]]] = {}
-        sb.log(self.quiet, "warm-up: sockets, users, workers on both nodes")
+        log(self.quiet, "warm-up: sockets, users, workers on both nodes")
         for app in APPS:
             for nodes in NODE_COUNTS:
                 self.window(app, nodes, 0.5)
@@ -658,7 +657,7 @@ class Bench:
         for block in range(it.blocks):
             for app in APPS:
                 for nodes in NODE_COUNTS:
-                    sb.log(
+                    log(
                         self.quiet,
                         f"pairs block {block + 1}/{it.blocks}: {app}, {nodes} node(s), "
                         f"{it.pair_sockets} sockets, {it.window_s:g} s",
@@ -674,8 +673,8 @@ def spread(values: Sequence[float], prefix: str) -> dict[str, float]:
     ordered = sorted(values)
     nan = float("nan")
     return {
-        f"{prefix}_p50_ms": sb.percentile(ordered, 50),
-        f"{prefix}_p90_ms": sb.percentile(ordered, 90),
+        f"{prefix}_p50_ms": percentile(ordered, 50),
+        f"{prefix}_p90_ms": percentile(ordered, 90),
         f"{prefix}_max_ms": ordered[-1] if ordered else nan,
         f"{prefix}_min_ms": ordered[0] if ordered else nan,
     }
@@ -698,7 +697,7 @@ def propagation_results(samples: Mapping[str, Any]) -> dict[str, Any]:
             r.update(spread([s["from_commit_ms"] for s in rows], f"{kind}_from_commit"))
             templates = sorted(s["b_templates"] for s in rows)
             r[f"{kind}_b_templates"] = [int(v) for v in templates]
-            r[f"{kind}_b_templates_p50"] = sb.percentile(templates, 50)
+            r[f"{kind}_b_templates_p50"] = percentile(templates, 50)
             r[f"{kind}_b_templates_max"] = templates[-1] if templates else float("nan")
         else:
             r.update(spread([s["a_answered_ms"] for s in rows], f"{kind}_a_answered"))
@@ -727,8 +726,8 @@ def load_stats(windows: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, A
         f"{prefix}_per_s": count / duration,
         f"{prefix}_sustained_per_s": count / (duration + drain),
         f"{prefix}_count": count,
-        f"{prefix}_p50_ms": sb.percentile(lat, 50),
-        f"{prefix}_p99_ms": sb.percentile(lat, 99),
+        f"{prefix}_p50_ms": percentile(lat, 50),
+        f"{prefix}_p99_ms": percentile(lat, 99),
         f"{prefix}_max_ms": lat[-1] if lat else float("nan"),
         f"{prefix}_per_s_blocks": [w["per_s"] for w in windows],
         f"{prefix}_per_node_per_s": [
@@ -852,7 +851,7 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
         problems: list[dict[str, Any]] = []
         try:
             t0 = time.monotonic()
-            sb.log(quiet, "starting PostgreSQL")
+            log(quiet, "starting PostgreSQL")
             postgres = PostgresServer()
             database = postgres.new_database("multinode")
             postgres_ms = ms_since(t0)
@@ -860,7 +859,7 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
             for label in ("a", "b"):
                 node = Node(label, tmp / f"node-{label}", database, key)
                 nodes.append(node)
-                sb.log(quiet, f"starting node {label.upper()} on port {node.port}")
+                log(quiet, f"starting node {label.upper()} on port {node.port}")
                 startup_ms.append(node.start())
             bench = Bench(nodes, postmaster_pid(postgres.data), it, tmp, quiet)
             setup = bench.setup()
@@ -871,7 +870,7 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
             if bench is not None:
                 bench.close()
             for node in nodes:
-                sb.log(quiet, f"stopping node {node.name.upper()}")
+                log(quiet, f"stopping node {node.name.upper()}")
                 exit_codes.append(node.stop())
                 problems.append(node.log_problems())
             if postgres is not None:
@@ -899,9 +898,6 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
 
 
 # ---- report ---------------------------------------------------------------------------------
-
-
-fmt = sb.fmt
 
 
 def markdown(r: Mapping[str, Any]) -> str:
@@ -1074,21 +1070,13 @@ def markdown(r: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="short windows, fewer changes")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, "short windows, fewer changes").parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the nodes, the clients and
     # PostgreSQL.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
     it = Iterations.quick() if args.quick else Iterations.full()
     results = run(it, quick=args.quick, quiet=args.quiet)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(markdown(results))
-    return 0
+    return emit(results, args.json, markdown)
 
 
 if __name__ == "__main__":

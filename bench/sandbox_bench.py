@@ -23,12 +23,9 @@ run it under ``taskset -c 0`` to see the same figures without cross-core wake-up
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
-import platform
-import resource
 import socket
 import subprocess
 import sys
@@ -40,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
+
+from benchlib import emit, fmt, log, machine_basics, parser, percentile, self_cpu_s
 
 from sandbox import DEFAULT_POLICY, Deployment, DeploymentPool, Limits, WorkerPool
 from sandbox.compiler import compile_source
@@ -122,14 +121,6 @@ class Iterations:
 # ---- measuring ----------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * p // 100)))
-    return sorted_values[int(rank) - 1]
-
-
 def summarize(ns: list[int], scale: float) -> dict[str, float]:
     """p50/p90/p99/max/mean of durations in ns, divided by ``scale`` (1e3: us, 1e6: ms)."""
     values = sorted(v / scale for v in ns)
@@ -149,11 +140,6 @@ def system_busy_ticks() -> int:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     steal_guest = sum(fields[7:]) if len(fields) > 7 else 0  # steal, guest(_nice)
     return sum(fields) - idle - steal_guest
-
-
-def self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -203,11 +189,6 @@ def memory_of(pid: int) -> dict[str, float | None]:
         "rss_mib": rollup.get("Rss", 0) / 1024,
         "pss_mib": rollup.get("Pss", 0) / 1024,
     }
-
-
-def log(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # ---- the floor: raw frames to a forked echo child -----------------------------------------
@@ -599,23 +580,8 @@ def bench_throughput(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    affinity = sorted(os.sched_getaffinity(0))
     return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "kernel": platform.release(),
+        **machine_basics(),
         "euid": os.geteuid(),
     }
 
@@ -633,14 +599,6 @@ def targets(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         "worker_private_mib": check(r["worker_private_mib"], 4),
         "throughput_per_s": check(r["throughput_per_s"], 5000, at_least=True),
     }
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def markdown(r: Mapping[str, Any]) -> str:
@@ -774,18 +732,10 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     it = Iterations.quick() if args.quick else Iterations.full()
     results = run(it, quick=args.quick, quiet=args.quiet)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(markdown(results))
-    return 0
+    return emit(results, args.json, markdown)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import os
-import platform
 import random
 import resource
 import select
@@ -81,6 +79,7 @@ from typing import Any
 
 import httpx
 import orjson
+from benchlib import emit, fmt, log, machine_basics, parser, percentile, since_ms
 from websockets.asyncio.client import ClientConnection, connect
 
 FUNCTIONS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "password_functions"
@@ -170,23 +169,6 @@ class Iterations:
 
 
 # ---- measuring ----------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * p // 100)))
-    return sorted_values[int(rank) - 1]
-
-
-def log(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def since_ms(t0: int) -> float:
-    return (time.perf_counter_ns() - t0) / 1e6
 
 
 def system_busy_s() -> float:
@@ -1253,15 +1235,6 @@ def targets(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def machine(load_before: float, nofile: tuple[int, int]) -> dict[str, Any]:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     versions: dict[str, str | None] = {}
     for name in ("uvicorn", "websockets", "fastapi", "starlette", "httpx", "SQLAlchemy"):
         try:
@@ -1269,13 +1242,8 @@ def machine(load_before: float, nofile: tuple[int, int]) -> dict[str, Any]:
         except Exception:
             versions[name] = None
     return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        "cpu_model": model,
+        **machine_basics(),
         "memory_mib": os.sysconf("SC_PHYS_PAGES") * PAGE // 2**20,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "kernel": platform.release(),
         "sqlite": sqlite3.sqlite_version,
         "packages": versions,
         "rlimit_nofile": list(nofile),
@@ -1342,14 +1310,6 @@ def run(it: Iterations, *, quick: bool, quiet: bool, profile: Path | None) -> di
 
 
 # ---- report -------------------------------------------------------------------------------
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 LOAD_KINDS = [f"{kind}_{app}" for kind in ("pairs", "paced", "connects")
@@ -1532,16 +1492,13 @@ def markdown(r: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="short windows, 1,000 idle sessions")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.add_argument("--profile", type=Path, help="run the server under cProfile; pstats here")
-    parser.add_argument(
+    flags = parser(__doc__, "short windows, 1,000 idle sessions")
+    flags.add_argument("--profile", type=Path, help="run the server under cProfile; pstats here")
+    flags.add_argument(
         "--no-deflate", action="store_true", help="clients do not offer permessage-deflate"
     )
-    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    flags.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    args = flags.parse_args(argv)
     global DEFLATE
     DEFLATE = not args.no_deflate
     if args.client:
@@ -1552,11 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
     it = Iterations.quick() if args.quick else Iterations.full()
     profile = args.profile.resolve() if args.profile else None
     results = run(it, quick=args.quick, quiet=args.quiet, profile=profile)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(markdown(results))
-    return 0
+    return emit(results, args.json, markdown)
 
 
 if __name__ == "__main__":

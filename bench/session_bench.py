@@ -41,14 +41,10 @@ about a tenth of the iterations, as a smoke test.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import gc
-import json
 import os
-import platform
-import resource
 import sqlite3
 import sys
 import tempfile
@@ -59,7 +55,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import sqlalchemy
+from benchlib import emit, log, machine_basics, parser, percentile, self_cpu_s
 from sqlalchemy import event
 
 from runtime import AsyncApp, AsyncRuntime, open_runtime
@@ -97,14 +95,6 @@ class Iterations:
 # ---- measuring ----------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * p // 100)))
-    return sorted_values[int(rank) - 1]
-
-
 def system_busy_ticks() -> int:
     """Jiffies all CPUs spent not idle, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -112,11 +102,6 @@ def system_busy_ticks() -> int:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     steal_guest = sum(fields[7:]) if len(fields) > 7 else 0
     return sum(fields) - idle - steal_guest
-
-
-def self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -135,11 +120,6 @@ class Samples:
         """Per operation: CPU (ms) of this process and of the machine, transactions."""
         n = max(1, len(self.ns))
         return self.self_s / n * 1e3, self.system_s / n * 1e3, self.transactions / n
-
-
-def log(quiet: bool, message: str) -> None:
-    if not quiet:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def ok(result: SessionResult, *, guest: bool) -> dict[str, Any]:
@@ -348,22 +328,8 @@ def results_of(samples: Mapping[str, Samples], end: Samples) -> dict[str, Any]:
 
 
 def machine(load_before: float) -> dict[str, Any]:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "kernel": platform.release(),
+        **machine_basics(),
         "sqlite": sqlite3.sqlite_version,
         "sqlalchemy": sqlalchemy.__version__,
         "loadavg_1m_before": load_before,
@@ -402,15 +368,11 @@ async def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
     return results
 
 
-# ---- report -------------------------------------------------------------------------------
-
-
 def fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+    return benchlib.fmt(value, digits)
+
+
+# ---- report -------------------------------------------------------------------------------
 
 
 LABELS = {
@@ -488,18 +450,10 @@ def markdown(r: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quick", action="store_true", help="about 10x fewer iterations")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     it = Iterations.quick() if args.quick else Iterations.full()
     results = asyncio.run(run(it, quick=args.quick, quiet=args.quiet))
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(markdown(results))
-    return 0
+    return emit(results, args.json, markdown)
 
 
 if __name__ == "__main__":
