@@ -48,6 +48,8 @@ from runtime.users import Users
 from runtime.validation import check_app_name, check_guest_users
 from sandbox import DEFAULT_POLICY, ChatfnError, Deployment, Policy, WorkerPool, validate
 from sandbox.errors import AlreadyExists, DeployRejected, NotDeployed, NotFound
+from sandbox.isolation import SandboxSettings
+from sandbox.policy import PolicyError
 
 log = logging.getLogger("chatfn.runtime")
 
@@ -162,7 +164,7 @@ class App:
 
         try:
             validate(Deployment(self.name, version, dict(project.files), limits))
-            lock, policy = self.runtime.policy_for(project, report)
+            lock, policy = self.runtime.policy_for(project, self.id, report)
             deployment = Deployment(self.name, version, dict(project.files), limits, policy)
             report("starting", None, None)
             self.runtime.pool.prepare(deployment, init_capabilities=self._capabilities)
@@ -331,13 +333,17 @@ class Runtime:
         policy: Policy = DEFAULT_POLICY,
         envs_dir: str | Path | None = None,
         background_workers: int = 4,
+        sandbox: SandboxSettings | None = None,
     ) -> None:
+        # The operator's sandbox settings (CHATFN_SANDBOX_* by default): which OS layers,
+        # which are required, and the uids apps run as.
+        self.sandbox = sandbox if sandbox is not None else SandboxSettings.from_env()
         self.db = Database(database_url)
         # Installed dependency environments, one per lock (content-addressed).
         self.envs_dir = Path(envs_dir) if envs_dir is not None else data_dir() / "envs"
         # The sandbox policy every deployment runs under (per-deployment dependencies
-        # extend it).
-        self.policy = policy
+        # extend it, and each app gets its own uid).
+        self.policy = policy.with_layers(self.sandbox.layers, self.sandbox.require)
         self.db.migrate()
         self._own_pool = pool is None
         self.pool = pool if pool is not None else WorkerPool()
@@ -419,15 +425,23 @@ class Runtime:
         if cached is not None:
             return cached
         project = app.deployments.project(version)
-        _lock, policy = self.policy_for(project)
+        _lock, policy = self.policy_for(project, app.id)
         deployment = Deployment(app.name, version, dict(project.files), project.limits(), policy)
         return self.remember(deployment, app.id)
 
     def policy_for(
-        self, project: Project, progress: Progress = no_progress
+        self, project: Project, app_id: int, progress: Progress = no_progress
     ) -> tuple[str | None, Policy]:
         """The lock (resolved when the project has none) and the sandbox policy with the
-        project's declared dependencies installed and allowed."""
+        app's own uid and the project's declared dependencies installed and allowed."""
+        try:
+            uid = self.sandbox.uids.for_app(app_id)
+        except PolicyError as exc:
+            raise DeployRejected(str(exc)) from None
+        lock, policy = self._dependencies(project, progress)
+        return lock, policy.with_uid(uid, uid)
+
+    def _dependencies(self, project: Project, progress: Progress) -> tuple[str | None, Policy]:
         requirements = check_requirements(project.requirements or "")
         if project.lock is not None:
             lock = project.lock

@@ -12,32 +12,25 @@ import ctypes
 import os
 import resource
 import signal
-from dataclasses import dataclass
+import struct
 
 from sandbox.policy import MIB, Limits, Policy
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
+PR_GET_SECCOMP = 21
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+_AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
+_SYS_MOUNT_SETATTR = 442
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-@dataclass(frozen=True)
-class Isolation:
-    """Which layers a template process could set up on this machine."""
-
-    network_namespace: bool
-    uid_drop: bool
-    seccomp: bool = False
-
-    def to_dict(self) -> dict[str, bool]:
-        return {
-            "network_namespace": self.network_namespace,
-            "uid_drop": self.uid_drop,
-            "seccomp": self.seccomp,
-        }
 
 
 def prctl(option: int, value: int) -> None:
@@ -46,21 +39,52 @@ def prctl(option: int, value: int) -> None:
         raise OSError(err, f"prctl({option}) failed: {os.strerror(err)}")
 
 
-def isolate_network() -> bool:
-    """Move this (template) process into an empty network namespace, when allowed.
-
-    Workers forked from it inherit the namespace: only a loopback that is down, so every
-    connect fails. Needs CAP_SYS_ADMIN; without it the caller falls back to the import
-    allowlist (``socket`` is not importable) until the seccomp layer adds a real block.
-    """
-    if os.geteuid() != 0:
-        return False
-    return bool(_libc.unshare(CLONE_NEWNET) == 0)
+def unshare(flags: int) -> None:
+    """Move this process into new namespaces (``CLONE_NEW*`` flags). With CLONE_NEWPID it
+    is this process's next child that starts the new pid namespace, as its pid 1."""
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
 
 
-def current_address_space() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        pages = int(f.read().split()[0])
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str) -> None:
+    def c(text: str | None) -> bytes | None:
+        return None if text is None else os.fsencode(text)
+
+    if _libc.mount(c(source), c(target), c(fstype), ctypes.c_ulong(flags), c(data) or None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or source or ''} on {target}: {os.strerror(err)}")
+
+
+def private_mounts(tmp_root: str, tmp_bytes: int) -> None:
+    """In a new mount namespace (as root): make every mount private to it and read-only,
+    give it a fresh /proc for its pid namespace, and a size-capped tmpfs over ``tmp_root``
+    so that other deployments' temporary directories are not even visible."""
+    attr = struct.pack(
+        "QQQQ", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, _MS_PRIVATE, 0
+    )
+    buffer = ctypes.create_string_buffer(attr, len(attr))
+    _libc.syscall.restype = ctypes.c_long
+    result = _libc.syscall(
+        _SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, buffer, ctypes.c_size_t(len(attr))
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount_setattr /: {os.strerror(err)}")
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "")
+    size = max(1, tmp_bytes // 4096) * 4096
+    _mount("tmpfs", tmp_root, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0711")
+
+
+def seccomp_mode() -> int:
+    """0 (none), 1 (strict) or 2 (filter), as the kernel reports it for this process."""
+    return int(_libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0))
+
+
+def address_space(statm_fd: int) -> int:
+    """The address-space size of the process whose /proc/<pid>/statm ``statm_fd`` is
+    (opened early: a Landlock-confined process cannot open it later)."""
+    pages = int(os.pread(statm_fd, 256, 0).split()[0])
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -104,10 +128,8 @@ def close_fds_except(keep: set[int]) -> None:
 
 
 def drop_privileges(policy: Policy) -> None:
-    """The template process (as root): become the sandbox uid/gid for good, with no way
-    back (no_new_privs), and not dumpable. (No PDEATHSIG: it would fire when the host
-    thread that started the template exits; the template exits when its control socket
-    closes.)"""
+    """The template process (as root): become the app's uid/gid for good, with no
+    supplementary groups and no way back (no_new_privs), and not dumpable."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     os.setgroups([])
     os.setgid(policy.sandbox_gid)
@@ -120,9 +142,10 @@ def no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def apply(limits: Limits) -> None:
-    """Lock a worker down (it already runs as the template's uid). Raises OSError if a
-    limit cannot be set."""
+def apply(limits: Limits, *, base_address_space: int, rlimits: bool) -> None:
+    """Lock a worker down (it already runs as the template's uid). ``rlimits`` adds the
+    isolation limits (no new processes, capped address space) to the per-invocation ones
+    (CPU, file size, open files, no core dumps). Raises OSError if a limit cannot be set."""
     parent = os.getppid()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     fsize = limits.file_size_mb * MIB
@@ -130,8 +153,9 @@ def apply(limits: Limits) -> None:
     # A write past the limit then fails with EFBIG instead of killing the worker.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    memory = current_address_space() + limits.memory_mb * MIB
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    if rlimits:
+        memory = base_address_space + limits.memory_mb * MIB
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     cpu = limits.effective_cpu_seconds
     lifetime_cpu = min(cpu * limits.max_invocations + cpu, 10_000_000)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, lifetime_cpu))
@@ -142,4 +166,5 @@ def apply(limits: Limits) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    if rlimits:
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))

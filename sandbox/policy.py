@@ -128,6 +128,22 @@ KIB = 1024
 MIB = 1024 * 1024
 
 
+# The operating-system layers around a worker (sandbox.isolation), in the order a worker
+# meets them.
+LAYERS: tuple[str, ...] = (
+    "uid",  # a private uid/gid per app, no supplementary groups (root only)
+    "pid_namespace",  # workers see only their own deployment's processes
+    "ipc_namespace",  # no System V / POSIX IPC shared with anything else
+    "mount_namespace",  # read-only view of the filesystem, a private tmpfs, a fresh /proc
+    "network_namespace",  # network "none": no interface but a downed loopback
+    "landlock",  # the filesystem (and TCP for network "none") by path, unprivileged
+    "seccomp",  # system calls: exec, ptrace, namespaces, kernel attack surface, sockets
+    "cgroup",  # memory and process count for the whole deployment
+    "rlimits",  # per-worker process count (none) and address space
+)
+ALL_LAYERS = frozenset(LAYERS)
+
+
 class PolicyError(ValueError):
     """A limit or policy value is out of range; the message names the field."""
 
@@ -217,6 +233,10 @@ class Policy:
     # The uid/gid workers drop to when chatfn runs as root.
     sandbox_uid: int = 65534
     sandbox_gid: int = 65534
+    # The operating-system layers to set up where the machine supports them
+    # (sandbox.isolation.LAYERS), and those without which a deployment must not boot.
+    layers: frozenset[str] = ALL_LAYERS
+    require: frozenset[str] = frozenset()
 
     def with_modules(self, names: Iterable[str], *, paths: Iterable[str] = ()) -> Policy:
         """Allow more top-level modules (declared dependencies), found under ``paths``."""
@@ -231,6 +251,9 @@ class Policy:
     def with_uid(self, uid: int, gid: int) -> Policy:
         return dataclasses.replace(self, sandbox_uid=uid, sandbox_gid=gid)
 
+    def with_layers(self, layers: Iterable[str], require: Iterable[str] = ()) -> Policy:
+        return dataclasses.replace(self, layers=frozenset(layers), require=frozenset(require))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "allowed_modules": sorted(self.allowed_modules),
@@ -242,6 +265,8 @@ class Policy:
             "preload": list(self.preload),
             "sandbox_uid": self.sandbox_uid,
             "sandbox_gid": self.sandbox_gid,
+            "layers": sorted(self.layers),
+            "require": sorted(self.require),
         }
 
     @classmethod
@@ -256,6 +281,8 @@ class Policy:
             preload=tuple(data["preload"]),
             sandbox_uid=int(data["sandbox_uid"]),
             sandbox_gid=int(data["sandbox_gid"]),
+            layers=frozenset(data["layers"]),
+            require=frozenset(data["require"]),
         )
 
     def allows_module(self, name: str) -> bool:

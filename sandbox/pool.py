@@ -33,6 +33,7 @@ from sandbox.errors import (
     Overloaded,
     SandboxViolation,
 )
+from sandbox.isolation import Isolation
 from sandbox.policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, Policy
 from sandbox.process import BootError, WorkerHandle, Zygote, describe_exit
 from sandbox.wire import (
@@ -120,7 +121,13 @@ class DeploymentPool:
             for name in deployment.files
             if name.endswith(".py") and name != "init.py"
         }
-        self.zygote = Zygote(dict(deployment.files), deployment.policy, self.limits, tmp_root)
+        self.zygote = Zygote(
+            dict(deployment.files),
+            deployment.policy,
+            self.limits,
+            tmp_root,
+            name=f"{deployment.app}-{deployment.version}",
+        )
         self._cond = threading.Condition()
         self._idle: list[WorkerHandle] = []
         self._total = 0
@@ -161,7 +168,13 @@ class DeploymentPool:
     # -- acquiring workers ------------------------------------------------------------------
 
     def _spawn_counted(self) -> WorkerHandle:
-        """Spawn for a slot already counted in ``_total``; gives the slot back on failure."""
+        """Spawn for a slot already counted in ``_total``; gives the slot back on failure.
+        Killed workers waiting for the janitor are reaped first: until then they still
+        count against the deployment's process limits (cgroup pids)."""
+        with self._cond:
+            doomed, self._doomed = self._doomed, []
+        for dead in doomed:
+            self.zygote.reap(dead)
         try:
             if not self.zygote.alive:
                 self.zygote.stop()
@@ -497,16 +510,18 @@ class WorkerPool:
             handler, event, capabilities=capabilities or {}, invocation_id=invocation_id
         )
 
-    def probe_isolation(self) -> dict[str, bool]:
-        """Which isolation layers this machine gives a deployment (booted and retired
-        once: a template process reports what it could set up)."""
+    def probe_isolation(self, policy: Policy = DEFAULT_POLICY) -> Isolation:
+        """Which isolation layers this machine gives a deployment under ``policy`` (booted
+        and retired once: a template process reports what it could set up). Raises
+        DeployRejected when a layer the policy requires is missing."""
         probe = Deployment(
             "chatfn-probe",
             0,
             {"user_started_session.py": "def handle_event(event, context):\n    return None\n"},
+            policy=policy,
         )
         try:
-            return dict(self.prepare(probe, warm=0).zygote.isolation)
+            return self.prepare(probe, warm=0).zygote.report
         finally:
             self.retire(probe.key)
 

@@ -9,6 +9,7 @@ pidfd and log.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,7 +22,9 @@ from typing import Any
 
 import orjson
 
+from sandbox import cgroups
 from sandbox.errors import WorkerCrashed
+from sandbox.isolation import Isolation
 from sandbox.logbuf import LogBuffer
 from sandbox.policy import Limits, Policy
 from sandbox.wire import HEADER, FrameReader, ProtocolError, encode, parse_worker_message
@@ -79,18 +82,39 @@ def describe_exit(status: dict[str, Any]) -> tuple[str, str]:
     return "worker_crashed", f"the worker exited unexpectedly (status {status.get('exit')})"
 
 
+def _fields(path: str) -> dict[str, str]:
+    """``Key:\tvalue`` lines of a /proc file; empty when it cannot be read."""
+    try:
+        with open(path) as f:
+            return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+    except OSError:
+        return {}
+
+
 class Zygote:
     def __init__(
-        self, files: dict[str, str], policy: Policy, limits: Limits, tmp_root: str
+        self,
+        files: dict[str, str],
+        policy: Policy,
+        limits: Limits,
+        tmp_root: str,
+        name: str = "deployment",
     ) -> None:
+        self.name = name
         self.files = files
         self.policy = policy
         self.limits = limits
         self.tmp_root = tmp_root
-        self.isolation: dict[str, bool] = {}
+        self.report = Isolation()
+        self._cgroup: cgroups.Cgroup | None = None
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
+
+    @property
+    def isolation(self) -> dict[str, bool]:
+        """Which layers this deployment's processes run under."""
+        return dict(self.report.on)
 
     @property
     def alive(self) -> bool:
@@ -111,6 +135,8 @@ class Zygote:
         finally:
             child_end.close()
         self._ctl = host_end
+        # Into its cgroup before it reads the boot request: everything it forks follows.
+        cgroup_report = self._join_cgroup(self._proc.pid)
         boot = {
             "files": self.files,
             "policy": self.policy.to_dict(),
@@ -127,8 +153,42 @@ class Zygote:
             self.stop()
             error = reply.get("error") if isinstance(reply, dict) else None
             raise BootError(str(error)[:2000] if error else "template process failed to start")
-        isolation = reply.get("isolation")
-        self.isolation = dict(isolation) if isinstance(isolation, dict) else {}
+        self.report = Isolation.from_dict(reply.get("isolation"))
+        self.report.set("cgroup", *cgroup_report)
+        missing = self.report.missing(self.policy.require)
+        if missing:
+            self.stop()
+            raise BootError(
+                f"required sandbox layer(s) {', '.join(missing)} not available: "
+                f"{self.report.describe(missing)}"
+            )
+
+    def _join_cgroup(self, pid: int) -> tuple[bool, str]:
+        """Put the template (and so every worker) in a cgroup of its own, capping the
+        deployment's memory and process count. Returns (on, why off)."""
+        if "cgroup" not in self.policy.layers:
+            return False, "turned off by the policy"
+        support = cgroups.detect()
+        if support.backend is None:
+            return False, support.reason
+        limits = self.limits
+        per_process = (limits.memory_mb + limits.file_size_mb) * 1024 * 1024
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.name}-{pid}")[:200]
+        try:
+            self._cgroup = cgroups.create(
+                name,
+                memory_bytes=(limits.max_workers + 1) * per_process,
+                # The template, the process waiting on it, the workers, and as many again
+                # for workers being replaced while the old ones are reaped.
+                pids=2 * limits.max_workers + 4,
+            )
+            self._cgroup.add(pid)
+        except OSError as exc:
+            if self._cgroup is not None:
+                self._cgroup.remove()
+                self._cgroup = None
+            return False, str(exc)
+        return True, ""
 
     def _request(self, message: dict[str, Any], fds: list[int] | None = None) -> Any:
         ctl = self._ctl
@@ -184,19 +244,21 @@ class Zygote:
         return handle
 
     def _is_own_child(self, pidfd: int, pid: int) -> bool:
-        """Does ``pidfd`` refer to ``pid``, and is that a child of this template? (The host
-        kills workers through these descriptors, as root.)"""
+        """Does ``pidfd`` refer to a worker of this deployment, ``pid`` as the template
+        sees it? (The host kills workers through these descriptors, as root.) A worker's
+        parent is the process the host started, or, with a pid namespace, that process's
+        child (the template, pid 1 there)."""
         proc = self._proc
         if proc is None:
             return False
-        try:
-            with open(f"/proc/self/fdinfo/{pidfd}") as f:
-                fd_pid = next((ln.split()[1] for ln in f if ln.startswith("Pid:")), None)
-            with open(f"/proc/{pid}/status") as f:
-                ppid = next((ln.split()[1] for ln in f if ln.startswith("PPid:")), None)
-        except (OSError, IndexError):
+        fdinfo = _fields(f"/proc/self/fdinfo/{pidfd}")
+        host_pid = fdinfo.get("Pid", "")
+        if not host_pid.isdigit() or fdinfo.get("NSpid", host_pid).split()[-1] != str(pid):
             return False
-        return fd_pid == str(pid) and ppid == str(proc.pid)
+        parent = _fields(f"/proc/{host_pid}/status").get("PPid", "")
+        if parent == str(proc.pid):
+            return True
+        return parent.isdigit() and _fields(f"/proc/{parent}/status").get("PPid") == str(proc.pid)
 
     def reap(self, handle: WorkerHandle, *, close: bool = True) -> dict[str, Any]:
         """Kill (if still running) and wait for one worker; returns how it ended."""
@@ -214,6 +276,14 @@ class Zygote:
         return status
 
     def stop(self) -> None:
+        try:
+            self._stop_processes()
+        finally:
+            if self._cgroup is not None:
+                self._cgroup.remove()
+                self._cgroup = None
+
+    def _stop_processes(self) -> None:
         if self._ctl is not None:
             self._ctl.close()
             self._ctl = None

@@ -1,12 +1,17 @@
 """The template process of one deployment (runs as its own exec'd interpreter).
 
-Started by ``sandbox.process.Zygote`` with a clean environment and one control socket. It
-compiles the deployment's code, imports RestrictedPython and the allowlisted stdlib, moves
-into an empty network namespace, drops to the sandbox uid (as root), and only then imports
-the declared dependencies, whose import-time code is untrusted. It freezes the heap
-(``gc.freeze``) and then only forks: each fork is a worker that locks itself down
+Started by ``sandbox.process.Zygote`` with a clean environment and one control socket. As
+root it first enters new pid, IPC, mount and (network ``none``) network namespaces: the
+process the host started stays outside and only waits, its child is pid 1 of the new pid
+namespace and is the template. That makes the filesystem read-only for itself, mounts a
+fresh /proc and a private tmpfs for temporary directories, compiles the deployment's code,
+imports RestrictedPython and the allowlisted stdlib, drops to the app's own uid, confines
+itself with Landlock and seccomp, and only then imports the declared dependencies, whose
+import-time code is untrusted. It freezes the heap (``gc.freeze``) and then only forks:
+each fork is a worker that adds its own, narrower Landlock layer and rlimits
 (``oslimits``) and serves invocations (``worker``). It never runs handler code itself and
-stays single-threaded, so forking it is safe and takes milliseconds.
+stays single-threaded, so forking it is safe and takes milliseconds. Every layer is
+optional (``Policy.layers``) and reported on or off, with the reason, in the boot reply.
 
 Control requests (host -> template), one at a time, each answered:
     spawn  + fds [worker socket, log memfd]  ->  {pid} + fd [pidfd]
@@ -15,7 +20,6 @@ Control requests (host -> template), one at a time, each answered:
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib
 import os
@@ -27,10 +31,11 @@ from typing import Any, NoReturn
 
 import orjson
 
-from sandbox import oslimits, seccomp
+from sandbox import landlock, oslimits, seccomp
 from sandbox.compiler import CompiledProject, compile_project
+from sandbox.isolation import Isolation
 from sandbox.logbuf import LogBuffer
-from sandbox.policy import Limits, Policy
+from sandbox.policy import MIB, Limits, Policy
 from sandbox.wire import HEADER, FrameReader, encode
 from sandbox.worker import Worker
 
@@ -80,15 +85,80 @@ class Template:
         self.limits = Limits(**boot["limits"])
         self.files: dict[str, str] = boot["files"]
         self.tmp_root: str = boot["tmp_root"]
-        self.drop_uid = os.geteuid() == 0
+        self.root = os.geteuid() == 0
         self.project: CompiledProject | None = None
         self.path_fds: list[int] = []
-        self.isolation = oslimits.Isolation(network_namespace=False, uid_drop=self.drop_uid)
+        self.statm_fd = -1
+        self.landlock_abi = 0
+        self.isolation = Isolation()
+
+    def wants(self, layer: str) -> bool:
+        return layer in self.policy.layers
+
+    def enter_namespaces(self) -> None:
+        """As root: unshare the wanted namespaces. With a new pid namespace this process
+        forks; the child (pid 1 there) returns and goes on as the template, this process
+        only waits for it and exits with its status."""
+        flags = {
+            "pid_namespace": oslimits.CLONE_NEWPID,
+            "ipc_namespace": oslimits.CLONE_NEWIPC,
+            "mount_namespace": oslimits.CLONE_NEWNS,
+            "network_namespace": oslimits.CLONE_NEWNET,
+        }
+        for layer, flag in flags.items():
+            if not self.wants(layer):
+                self.isolation.set(layer, False, "turned off by the policy")
+            elif layer == "network_namespace" and self.limits.network != "none":
+                self.isolation.set(layer, False, 'the app\'s network is "outbound"')
+            elif not self.root:
+                self.isolation.set(layer, False, "needs root")
+            else:
+                try:
+                    oslimits.unshare(flag)
+                    self.isolation.set(layer, True)
+                except OSError as exc:
+                    self.isolation.set(layer, False, str(exc))
+        if self.isolation.on["pid_namespace"]:
+            self._fork_into_pid_namespace()
+        if self.isolation.on["mount_namespace"]:
+            tmp_bytes = (self.limits.max_workers + 1) * max(self.limits.file_size_mb, 1) * MIB
+            try:
+                oslimits.private_mounts(self.tmp_root, tmp_bytes)
+            except OSError as exc:
+                self.isolation.set("mount_namespace", False, f"namespace made, but {exc}")
+
+    def _fork_into_pid_namespace(self) -> None:
+        # The child cannot see its parent from inside the namespace (getppid() is 0): it
+        # learns whether the parent is still there from a pipe only the parent writes to.
+        alive_r, alive_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            # The template: dies with the process the host started (and with it, being pid
+            # 1 of the namespace, every worker).
+            os.close(alive_w)
+            oslimits.prctl(oslimits.PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.set_blocking(alive_r, False)
+            try:
+                os.read(alive_r, 1)
+                os._exit(0)  # end of file: the parent already exited
+            except BlockingIOError:
+                pass
+            os.close(alive_r)
+            return
+        os.close(alive_r)
+        self.ctl.close()
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
     def boot(self) -> None:
         """Compile, import the trusted modules, isolate, and only then, with privileges
         dropped, import the declared dependencies: their import-time code is as untrusted
-        as a handler and never runs as root or with the host's network."""
+        as a handler and never runs as root, unconfined or with the host's network."""
         compiled = compile_project(self.files)
         if not isinstance(compiled, CompiledProject):
             raise RuntimeError("; ".join(str(e) for e in compiled))
@@ -101,32 +171,57 @@ class Template:
                 pass
         for name in _LAZY_STDLIB:
             importlib.import_module(name)
-        netns = self.limits.network == "none" and oslimits.isolate_network()
-        self.isolation = oslimits.Isolation(network_namespace=netns, uid_drop=self.drop_uid)
+        self.statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         # Dependencies after the standard library, so one cannot shadow a stdlib module.
-        paths = [*sys.path, *self.policy.module_paths]
-        if self.drop_uid:
-            originals = paths
-            paths, self.path_fds = oslimits.paths_through_fds(originals)
-            _repoint_packages(
-                dict(zip([p for p in originals if p and os.path.isdir(p)], paths, strict=True))
-            )
-            self.tmp_root = oslimits.make_private_dir(
-                self.tmp_root, self.policy.sandbox_uid, self.policy.sandbox_gid, prefix="z"
-            )
+        originals = [p for p in [*sys.path, *self.policy.module_paths] if p and os.path.isdir(p)]
+        paths, self.path_fds = oslimits.paths_through_fds(originals)
+        _repoint_packages(dict(zip(originals, paths, strict=True)))
+        drop = self.root and self.wants("uid")
+        uid = self.policy.sandbox_uid if drop else None
+        gid = self.policy.sandbox_gid if drop else None
+        self.tmp_root = oslimits.make_private_dir(self.tmp_root, uid, gid, prefix="z")
+        if drop:
             oslimits.drop_privileges(self.policy)
+            self.isolation.set("uid", True)
+        else:
+            why = "turned off by the policy" if self.root else "needs root"
+            self.isolation.set("uid", False, why)
         sys.path[:] = paths
         sys.path_importer_cache.clear()
-        # From here on, the template and every worker forked from it run under the
-        # seccomp filter: the dependencies' import-time code included.
-        if seccomp.supported():
-            oslimits.no_new_privs()
-            seccomp.install(network=self.limits.network)
-            self.isolation = dataclasses.replace(self.isolation, seccomp=True)
+        oslimits.no_new_privs()
+        # From here on, the template and every worker forked from it are confined: the
+        # dependencies' import-time code included.
+        self._landlock(self.tmp_root)
+        self._seccomp()
+        if self.wants("rlimits"):
+            self.isolation.set("rlimits", True)
+        else:
+            self.isolation.set("rlimits", False, "turned off by the policy")
         for name in self.policy.preload:
             importlib.import_module(name)
         gc.collect()
         gc.freeze()
+
+    def _landlock(self, writable: str) -> None:
+        if not self.wants("landlock"):
+            self.isolation.set("landlock", False, "turned off by the policy")
+            return
+        try:
+            self.landlock_abi = landlock.restrict(
+                read=self.path_fds, write=[writable], network=self.limits.network
+            )
+            self.isolation.set("landlock", True)
+        except OSError as exc:
+            self.isolation.set("landlock", False, str(exc))
+
+    def _seccomp(self) -> None:
+        if not self.wants("seccomp"):
+            self.isolation.set("seccomp", False, "turned off by the policy")
+        elif not seccomp.supported():
+            self.isolation.set("seccomp", False, "the filter is written for x86_64 Linux")
+        else:
+            seccomp.install(network=self.limits.network)
+            self.isolation.set("seccomp", True)
 
     def serve(self) -> NoReturn:
         while True:
@@ -156,6 +251,7 @@ class Template:
             self.ctl.sendall(frame)
 
     def _spawn(self, sock_fd: int, log_fd: int) -> None:
+        base = oslimits.address_space(self.statm_fd)
         try:
             pid = os.fork()
         except OSError as exc:
@@ -165,7 +261,7 @@ class Template:
             return
         if pid == 0:
             try:
-                self._become_worker(sock_fd, log_fd)
+                self._become_worker(sock_fd, log_fd, base)
             finally:
                 os._exit(EXIT_CHILD_SETUP)
         os.close(sock_fd)
@@ -178,6 +274,11 @@ class Template:
 
     def _reap(self, pid: int) -> dict[str, Any]:
         try:
+            # Its own process group (setsid) too: anything it managed to start.
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
             _, status = os.waitpid(pid, 0)
         except ChildProcessError:
             return {"ok": True, "exit": None}
@@ -186,18 +287,26 @@ class Template:
             return {"ok": True, "signal": os.WTERMSIG(status)}
         return {"ok": True, "exit": os.waitstatus_to_exitcode(status)}
 
-    def _become_worker(self, sock_fd: int, log_fd: int) -> NoReturn:
+    def _become_worker(self, sock_fd: int, log_fd: int, base_address_space: int) -> NoReturn:
         self.ctl.close()
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log = LogBuffer.attach(log_fd, self.limits.log_bytes)
         sock = socket.socket(fileno=sock_fd)
         oslimits.close_fds_except({sock_fd, *self.path_fds})
-        # The template already runs as the sandbox uid: the directory is the worker's own.
-        os.chdir(oslimits.make_private_dir(self.tmp_root, None, None))
+        # The template already runs as the app's uid: the directory is the worker's own.
+        private = oslimits.make_private_dir(self.tmp_root, None, None)
+        os.chdir(private)
+        if self.isolation.on["landlock"]:
+            # A second layer: of the template's directory, only this worker's own part.
+            landlock.restrict(read=self.path_fds, write=[private], network=self.limits.network)
         os.environ.clear()
         sys.stdout = sys.stderr = _LogStream(log)  # type: ignore[assignment,unused-ignore]
-        oslimits.apply(self.limits)
+        oslimits.apply(
+            self.limits,
+            base_address_space=base_address_space,
+            rlimits=self.isolation.on["rlimits"],
+        )
         assert self.project is not None
         Worker(sock, log, self.project, self.files, self.policy, self.limits).serve()
 
@@ -207,6 +316,7 @@ def main(control_fd: int) -> NoReturn:
     boot = FrameReader(ctl, _CONTROL_CAP).read()
     try:
         template = Template(ctl, boot)
+        template.enter_namespaces()
         template.boot()
     except BaseException as exc:
         ctl.sendall(encode({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, 65536))

@@ -31,6 +31,7 @@ from runtime.server.metrics import Metrics
 from runtime.server.ws import SessionEndpoint
 from runtime.validation import check_auth_params, check_name
 from sandbox.errors import InvalidRequest, NotFound, UserNotFound
+from sandbox.isolation import Isolation
 
 log = logging.getLogger("chatfn.server")
 T = TypeVar("T")
@@ -49,7 +50,7 @@ class State:
         self.builds = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="chatfn-build")
         self.sessions = SessionEndpoint(runtime, self.call)
         # The sandbox layers this machine gives deployments (``chatfn serve`` probes them).
-        self.isolation: dict[str, bool] = {}
+        self.isolation = Isolation()
         self.metrics = Metrics(runtime, lambda: len(self.sessions.connections))
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -171,7 +172,8 @@ def create_app(state: State) -> FastAPI:
             "status": "ok",
             "service": "chatfn",
             "apps": len(apps),
-            "sandbox": state.isolation,
+            "sandbox": dict(state.isolation.on),
+            "sandbox_off": dict(state.isolation.why_off),
         }
 
     @api.get("/metrics", tags=["server"], dependencies=[Depends(admin)])

@@ -24,13 +24,24 @@ from runtime.db import safe_url
 from runtime.server.app import State, create_app
 from runtime.server.ws import MAX_MESSAGE_BYTES
 from sandbox.errors import ChatfnError
+from sandbox.isolation import LAYERS, REQUIRE_ENV, Isolation
+from sandbox.policy import PolicyError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "functions"
 
 
 def prepare(database: str | None, *, example: Path | None) -> tuple[State, str | None]:
-    """Open the runtime, settle the admin key, and deploy the example on a new database."""
-    runtime = Runtime(database)
+    """Open the runtime, check the sandbox layers (refusing to go on without a required
+    one), settle the admin key, and deploy the example on a new database."""
+    try:
+        runtime = Runtime(database)
+    except PolicyError as exc:
+        raise ChatfnError(str(exc)) from None
+    try:
+        isolation = runtime.pool.probe_isolation(runtime.policy)
+    except ChatfnError as exc:
+        runtime.close()
+        raise ChatfnError(f"refusing to start: {exc.message} ({REQUIRE_ENV})") from None
     keys = AdminKeys(runtime.db)
     try:
         shown = keys.setup(os.environ.get("CHATFN_ADMIN_KEY"))
@@ -44,7 +55,19 @@ def prepare(database: str | None, *, example: Path | None) -> tuple[State, str |
             print(f"deployed {example} to app '{app.name}' as version {info.version}")
         except ChatfnError as exc:
             print(f"could not deploy the example {example}: {exc.message}", file=sys.stderr)
-    return State(runtime, keys), shown
+    state = State(runtime, keys)
+    state.isolation = isolation
+    return state, shown
+
+
+def describe_layers(isolation: Isolation) -> str:
+    """One line per layer: on, or off and why."""
+    return "\n".join(
+        f"{layer:<18} on"
+        if isolation.on[layer]
+        else f"{layer:<18} off ({isolation.why_off[layer]})"
+        for layer in LAYERS
+    )
 
 
 def _raise_open_file_limit() -> None:
@@ -66,7 +89,6 @@ def serve(
 ) -> None:
     _raise_open_file_limit()
     state, shown = prepare(database, example=example)
-    state.isolation = state.runtime.pool.probe_isolation()
     api = create_app(state)
 
     @contextlib.asynccontextmanager
@@ -88,8 +110,7 @@ def serve(
         print("  admin key:     from CHATFN_ADMIN_KEY")
     else:
         print("  admin key:     the one shown when this database was created")
-    layers = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in state.isolation.items())
-    print(f"  sandbox:       {layers}")
+    print("  sandbox:       " + describe_layers(state.isolation).replace("\n", "\n" + " " * 17))
     sys.stdout.flush()
     config = uvicorn.Config(
         api,
