@@ -88,11 +88,10 @@ def address_space(statm_fd: int) -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_private_dir(
-    root: str, uid: int | None, gid: int | None, *, prefix: str = "w", mode: int = 0o700
-) -> str:
-    path = os.path.join(root, f"{prefix}{os.getpid()}")
-    os.mkdir(path, mode)
+def make_private_dir(root: str, name: str, uid: int | None, gid: int | None) -> str:
+    """``root/name``, mode 0700, owned by ``uid``/``gid`` when given."""
+    path = os.path.join(root, name)
+    os.mkdir(path, 0o700)
     if uid is not None and gid is not None:
         os.chown(path, uid, gid)
     return path

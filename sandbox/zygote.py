@@ -179,7 +179,9 @@ class Template:
         drop = self.root and self.wants("uid")
         uid = self.policy.sandbox_uid if drop else None
         gid = self.policy.sandbox_gid if drop else None
-        self.tmp_root = oslimits.make_private_dir(self.tmp_root, uid, gid, prefix="z")
+        # Not named by pid: templates in pid namespaces of their own all have pid 1.
+        name = f"z{os.getpid()}-{os.urandom(6).hex()}"
+        self.tmp_root = oslimits.make_private_dir(self.tmp_root, name, uid, gid)
         if drop:
             oslimits.drop_privileges(self.policy)
             self.isolation.set("uid", True)
@@ -295,7 +297,7 @@ class Template:
         sock = socket.socket(fileno=sock_fd)
         oslimits.close_fds_except({sock_fd, *self.path_fds})
         # The template already runs as the app's uid: the directory is the worker's own.
-        private = oslimits.make_private_dir(self.tmp_root, None, None)
+        private = oslimits.make_private_dir(self.tmp_root, f"w{os.getpid()}", None, None)
         os.chdir(private)
         if self.isolation.on["landlock"]:
             # A second layer: of the template's directory, only this worker's own part.

@@ -32,6 +32,7 @@ from runtime.client import (
     connect_sync,
     pack_project,
 )
+from sandbox.policy import LAYERS
 
 KEY = "e2e-admin-key-0123456789abcdef"
 STARTUP_TIMEOUT_S = 60.0
@@ -155,7 +156,9 @@ def test_health_needs_no_key_and_metrics_do(server: Server) -> None:
         health = anonymous.health()
         assert health["status"] == "ok"
         # The sandbox layers the server probed at start (all of them, on this machine).
-        assert set(health["sandbox"]) >= {"uid_drop", "network_namespace", "seccomp"}
+        assert set(health["sandbox"]) == set(LAYERS)
+        assert health["sandbox"]["seccomp"] and health["sandbox"]["landlock"]
+        assert set(health["sandbox_off"]) == {k for k, on in health["sandbox"].items() if not on}
         if os.geteuid() == 0:
             assert all(health["sandbox"].values()), health["sandbox"]
         with pytest.raises(ChatfnClientError) as caught:
