@@ -144,13 +144,31 @@ def serve(
     example: Annotated[
         bool, typer.Option(help="Deploy functions/ to the app 'default' on a new database.")
     ] = True,
+    require_sandbox: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATFN_SANDBOX_REQUIRE",
+            show_envvar=True,
+            help="Sandbox layers without which to refuse to start: 'all' or a list such as "
+            "'uid,seccomp,landlock' (the layers are listed at start).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API and WebSocket sessions (Ctrl-C stops it gracefully)."""
     from runtime.server.serve import EXAMPLE
     from runtime.server.serve import serve as run_server
+    from sandbox.isolation import REQUIRE_ENV, SandboxSettings
+    from sandbox.policy import PolicyError
 
     try:
-        run_server(host, port, database, example=EXAMPLE if example else None)
+        env = dict(os.environ)
+        if require_sandbox is not None:
+            env[REQUIRE_ENV] = require_sandbox
+        sandbox = SandboxSettings.from_env(env)
+    except PolicyError as exc:
+        fail(str(exc))
+    try:
+        run_server(host, port, database, example=EXAMPLE if example else None, sandbox=sandbox)
     except ChatfnError as exc:
         fail(exc.message)
 

@@ -35,7 +35,7 @@ from sandbox.errors import (
 )
 from sandbox.isolation import Isolation
 from sandbox.policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, Policy
-from sandbox.process import BootError, WorkerHandle, Zygote, describe_exit
+from sandbox.process import BootError, LayersMissing, WorkerHandle, Zygote, describe_exit
 from sandbox.wire import (
     FrameTooLarge,
     HostCall,
@@ -141,6 +141,8 @@ class DeploymentPool:
     def start(self, warm: int = 1) -> None:
         try:
             self.zygote.start()
+        except LayersMissing as exc:
+            raise DeployRejected(str(exc)) from None
         except BootError as exc:
             raise DeployRejected(f"deployment failed to start: {exc}") from None
         for _ in range(warm):

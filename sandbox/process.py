@@ -42,6 +42,10 @@ class BootError(Exception):
     """The template process could not start the deployment."""
 
 
+class LayersMissing(BootError):
+    """The template started, but without a sandbox layer the policy requires."""
+
+
 @dataclass
 class WorkerHandle:
     pid: int
@@ -158,7 +162,7 @@ class Zygote:
         missing = self.report.missing(self.policy.require)
         if missing:
             self.stop()
-            raise BootError(
+            raise LayersMissing(
                 f"required sandbox layer(s) {', '.join(missing)} not available: "
                 f"{self.report.describe(missing)}"
             )

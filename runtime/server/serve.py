@@ -24,17 +24,19 @@ from runtime.db import safe_url
 from runtime.server.app import State, create_app
 from runtime.server.ws import MAX_MESSAGE_BYTES
 from sandbox.errors import ChatfnError
-from sandbox.isolation import LAYERS, REQUIRE_ENV, Isolation
-from sandbox.policy import PolicyError
+from sandbox.isolation import REQUIRE_ENV, Isolation, SandboxSettings
+from sandbox.policy import LAYERS, PolicyError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "functions"
 
 
-def prepare(database: str | None, *, example: Path | None) -> tuple[State, str | None]:
+def prepare(
+    database: str | None, *, example: Path | None, sandbox: SandboxSettings | None = None
+) -> tuple[State, str | None]:
     """Open the runtime, check the sandbox layers (refusing to go on without a required
     one), settle the admin key, and deploy the example on a new database."""
     try:
-        runtime = Runtime(database)
+        runtime = Runtime(database, sandbox=sandbox)
     except PolicyError as exc:
         raise ChatfnError(str(exc)) from None
     try:
@@ -86,9 +88,10 @@ def serve(
     database: str | None = None,
     *,
     example: Path | None = EXAMPLE,
+    sandbox: SandboxSettings | None = None,
 ) -> None:
     _raise_open_file_limit()
-    state, shown = prepare(database, example=example)
+    state, shown = prepare(database, example=example, sandbox=sandbox)
     api = create_app(state)
 
     @contextlib.asynccontextmanager
