@@ -27,7 +27,7 @@ def test_layer_lists() -> None:
     assert parse_layers("all") == ALL_LAYERS
     assert parse_layers("none") == parse_layers("") == frozenset()
     assert parse_layers(" seccomp, landlock ") == {"seccomp", "landlock"}
-    with pytest.raises(PolicyError, match="unknown sandbox layer.*selinux.*known: all, none"):
+    with pytest.raises(PolicyError, match=r"unknown sandbox layer.*selinux.*known: all, none"):
         parse_layers("seccomp,selinux")
 
 
@@ -53,7 +53,7 @@ def test_settings_from_the_environment() -> None:
     )
     assert settings.layers == {"seccomp", "landlock", "uid"}
     assert settings.require == {"seccomp"} and settings.uids.first == 500000
-    with pytest.raises(PolicyError, match="CHATFN_SANDBOX_REQUIRE: layer.*cgroup.*turned off"):
+    with pytest.raises(PolicyError, match=r"CHATFN_SANDBOX_REQUIRE: layer.*cgroup.*turned off"):
         SandboxSettings.from_env(
             {"CHATFN_SANDBOX_LAYERS": "seccomp", "CHATFN_SANDBOX_REQUIRE": "seccomp,cgroup"}
         )
