@@ -314,6 +314,9 @@ class Template:
 
 
 def main(control_fd: int) -> NoReturn:
+    # No signal handlers at all (Python installs one for SIGINT): as pid 1 of its pid
+    # namespace, the template then ignores every signal its workers could send it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl = socket.socket(fileno=control_fd)
     boot = FrameReader(ctl, _CONTROL_CAP).read()
     try:
