@@ -74,6 +74,13 @@ def dependency_dir() -> Iterator[Path]:
                 except OSError as exc:
                     return "refused: " + str(exc.strerror or exc)
 
+            def try_connect_name(host, port):
+                try:
+                    socket.create_connection((host, port), timeout=1).close()
+                    return "connected"
+                except OSError as exc:
+                    return "refused: " + str(exc.strerror or exc)
+
             def write_bytes(n):
                 with open("big.bin", "wb") as f:
                     f.write(b"x" * n)

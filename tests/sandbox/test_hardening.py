@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import pytest
 
-from sandbox import Deployment, Limits, Policy, WorkerPool, seccomp
+from sandbox import Deployment, Limits, Policy, WorkerPool, landlock, seccomp
 
 pytestmark = pytest.mark.skipif(not seccomp.supported(), reason="seccomp filter is x86_64 Linux")
 
@@ -56,6 +56,19 @@ def test_outbound_network_apps_may_create_internet_sockets(
     probe = prober(pool, dependency_dir, 2, "outbound")
     assert probe("try_socket", int(socket.AF_INET)) == "created"
     assert probe("try_exec", "/bin/sh") == "refused: Operation not permitted"
+
+
+def test_outbound_apps_connect_and_resolve_names_under_every_layer(
+    pool: WorkerPool, dependency_dir: Path
+) -> None:
+    """Landlock still lets an outbound app read what name resolution needs, and connect."""
+    probe = prober(pool, dependency_dir, 3, "outbound")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert probe("try_connect", port) == "connected"
+        assert probe("try_connect_name", "localhost", port) == "connected"
+    report = pool.pools()[("hardening", 3)].zygote.report
+    assert report.on["landlock"] == (landlock.abi_version() > 0)
 
 
 def test_the_filter_program_denies_what_it_lists() -> None:
