@@ -156,11 +156,13 @@ def restrict(
     read: Iterable[str | int],
     write: Sequence[str | int],
     network: str,
+    list_only: Iterable[str | int] = (),
     devices: Iterable[str] = DEVICES,
 ) -> int:
-    """Confine this process: read beneath ``read``, read and write beneath ``write``, the
-    devices, nothing else of the filesystem, and no execution. Returns the ABI used.
-    Raises OSError if the kernel refuses (or has no Landlock)."""
+    """Confine this process: read beneath ``read``, read and write beneath ``write``, list
+    (but not read files in) ``list_only``, the devices, nothing else of the filesystem, and
+    no execution. Returns the ABI used. Raises OSError if the kernel refuses (or has no
+    Landlock)."""
     abi = abi_version()
     if abi < 1:
         raise OSError("the kernel has no Landlock")
@@ -168,6 +170,8 @@ def restrict(
     try:
         for target in read:
             rules.allow(target, READ)
+        for target in list_only:
+            rules.allow(target, READ_DIR)
         for path in SYSTEM_READ + (NETWORK_READ if network != "none" else ()):
             rules.allow(path, READ)
         for device in devices:

@@ -88,6 +88,8 @@ class Template:
         self.root = os.geteuid() == 0
         self.project: CompiledProject | None = None
         self.path_fds: list[int] = []
+        self.read_rules: list[int] = []
+        self.list_rules: list[int] = []
         self.statm_fd = -1
         self.landlock_abi = 0
         self.isolation = Isolation()
@@ -175,6 +177,7 @@ class Template:
         # Dependencies after the standard library, so one cannot shadow a stdlib module.
         originals = [p for p in [*sys.path, *self.policy.module_paths] if p and os.path.isdir(p)]
         paths, self.path_fds = oslimits.paths_through_fds(originals)
+        self._landlock_rules(originals)
         _repoint_packages(dict(zip(originals, paths, strict=True)))
         drop = self.root and self.wants("uid")
         uid = self.policy.sandbox_uid if drop else None
@@ -195,14 +198,31 @@ class Template:
         # dependencies' import-time code included.
         self._landlock(self.tmp_root)
         self._seccomp()
-        if self.wants("rlimits"):
-            self.isolation.set("rlimits", True)
-        else:
+        if not self.wants("rlimits"):
             self.isolation.set("rlimits", False, "turned off by the policy")
+        elif os.getuid() == 0:
+            # The kernel exempts uid 0 from RLIMIT_NPROC: set, but no fork-bomb guard.
+            self.isolation.set("rlimits", False, "RLIMIT_NPROC does not bind uid 0: needs uid")
+        else:
+            self.isolation.set("rlimits", True)
         for name in self.policy.preload:
             importlib.import_module(name)
         gc.collect()
         gc.freeze()
+
+    def _landlock_rules(self, originals: list[str]) -> None:
+        """What Landlock lets this template and its workers read: every import path, except
+        that of the checkout or site directory holding chatfn itself only the ``sandbox``
+        package (the rest of a checkout is not the workers' business)."""
+        package = os.path.dirname(os.path.abspath(__file__))
+        home = os.path.dirname(package)
+        self.read_rules, self.list_rules = [], []
+        for path, fd in zip(originals, self.path_fds, strict=True):
+            if os.path.abspath(path) == home:
+                self.list_rules.append(fd)
+                self.read_rules.append(os.open(package, os.O_PATH | os.O_CLOEXEC))
+            else:
+                self.read_rules.append(fd)
 
     def _landlock(self, writable: str) -> None:
         if not self.wants("landlock"):
@@ -210,7 +230,10 @@ class Template:
             return
         try:
             self.landlock_abi = landlock.restrict(
-                read=self.path_fds, write=[writable], network=self.limits.network
+                read=self.read_rules,
+                list_only=self.list_rules,
+                write=[writable],
+                network=self.limits.network,
             )
             self.isolation.set("landlock", True)
         except OSError as exc:
@@ -295,19 +318,24 @@ class Template:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log = LogBuffer.attach(log_fd, self.limits.log_bytes)
         sock = socket.socket(fileno=sock_fd)
-        oslimits.close_fds_except({sock_fd, *self.path_fds})
+        oslimits.close_fds_except({sock_fd, *self.path_fds, *self.read_rules})
         # The template already runs as the app's uid: the directory is the worker's own.
         private = oslimits.make_private_dir(self.tmp_root, f"w{os.getpid()}", None, None)
         os.chdir(private)
         if self.isolation.on["landlock"]:
             # A second layer: of the template's directory, only this worker's own part.
-            landlock.restrict(read=self.path_fds, write=[private], network=self.limits.network)
+            landlock.restrict(
+                read=self.read_rules,
+                list_only=self.list_rules,
+                write=[private],
+                network=self.limits.network,
+            )
         os.environ.clear()
         sys.stdout = sys.stderr = _LogStream(log)  # type: ignore[assignment,unused-ignore]
         oslimits.apply(
             self.limits,
             base_address_space=base_address_space,
-            rlimits=self.isolation.on["rlimits"],
+            rlimits=self.wants("rlimits"),
         )
         assert self.project is not None
         Worker(sock, log, self.project, self.files, self.policy, self.limits).serve()

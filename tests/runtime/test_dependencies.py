@@ -10,14 +10,11 @@ One test resolves and installs a real package with the machine's own pip configu
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import stat
 import textwrap
 import threading
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,7 @@ from runtime.dependencies import (
 from sandbox.errors import DeployRejected
 from sandbox.isolation import SandboxSettings
 from tests.runtime.conftest import invoke, served
+from tests.wheels import build_wheel, only_wheelhouse, point_pip_at, sha256_of
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="workers drop to the sandbox uid only as root")
@@ -47,48 +45,7 @@ needs_root = pytest.mark.skipif(not ROOT, reason="workers drop to the sandbox ui
 Messages = list[tuple[str, int | None, int | None]]
 
 
-# -- wheels -------------------------------------------------------------------------------------
-
-
-def _record_hash(data: bytes) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-
-def build_wheel(
-    directory: Path,
-    name: str,
-    version: str,
-    files: Mapping[str, str],
-    requires: Sequence[str] = (),
-) -> Path:
-    """A pure-Python wheel: ``files`` (path -> source) plus METADATA, WHEEL and RECORD.
-    Entries carry a fixed timestamp, so the same inputs give the same bytes (and hash)."""
-    stem = name.replace("-", "_")
-    dist_info = f"{stem}-{version}.dist-info"
-    entries = {path: textwrap.dedent(text) for path, text in files.items()}
-    entries[f"{dist_info}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-        + "".join(f"Requires-Dist: {r}\n" for r in requires)
-    )
-    entries[f"{dist_info}/WHEEL"] = (
-        "Wheel-Version: 1.0\nGenerator: chatfn-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    )
-    record = [
-        f"{path},sha256={_record_hash(text.encode())},{len(text.encode())}"
-        for path, text in entries.items()
-    ]
-    entries[f"{dist_info}/RECORD"] = "\n".join([*record, f"{dist_info}/RECORD,,"]) + "\n"
-    wheel = directory / f"{stem}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path, text in entries.items():
-            info = zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, text)
-    return wheel
-
-
-def sha256_of(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+# -- the wheelhouse ----------------------------------------------------------------------------
 
 
 # The declared distribution: its module name differs from its distribution name, it imports
@@ -160,24 +117,17 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _offline(mp: pytest.MonkeyPatch, wheelhouse: Path) -> None:
-    mp.setenv("PIP_NO_INDEX", "1")
-    mp.setenv("PIP_FIND_LINKS", str(wheelhouse))
-    mp.setenv("PIP_CONFIG_FILE", os.devnull)
-
-
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch, wheelhouse: Path) -> Path:
     """pip (and pip-compile) see the test wheelhouse and nothing else."""
-    _offline(monkeypatch, wheelhouse)
+    point_pip_at(monkeypatch, wheelhouse)
     return wheelhouse
 
 
 @pytest.fixture(scope="module")
 def lock(wheelhouse: Path) -> str:
     """``tiny-dist`` resolved by pip-compile against the wheelhouse."""
-    with pytest.MonkeyPatch.context() as mp:
-        _offline(mp, wheelhouse)
+    with only_wheelhouse(wheelhouse):
         return resolve("tiny-dist\n")
 
 
@@ -192,8 +142,7 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 @pytest.fixture(scope="module")
 def environment(rt: Runtime, wheelhouse: Path, lock: str) -> Environment:
     """The lock's environment, installed into ``rt``'s envs_dir."""
-    with pytest.MonkeyPatch.context() as mp:
-        _offline(mp, wheelhouse)
+    with only_wheelhouse(wheelhouse):
         return ensure_environment(parse_lock(lock), rt.envs_dir)
 
 

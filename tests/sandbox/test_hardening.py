@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import pytest
 
+import sandbox
 from sandbox import Deployment, Limits, Policy, WorkerPool, landlock, seccomp
 
 pytestmark = pytest.mark.skipif(not seccomp.supported(), reason="seccomp filter is x86_64 Linux")
@@ -69,6 +70,18 @@ def test_outbound_apps_connect_and_resolve_names_under_every_layer(
         assert probe("try_connect_name", "localhost", port) == "connected"
     report = pool.pools()[("hardening", 3)].zygote.report
     assert report.on["landlock"] == (landlock.abi_version() > 0)
+
+
+@pytest.mark.skipif(landlock.abi_version() < 1, reason="the kernel has no Landlock")
+def test_of_the_checkout_workers_read_only_the_sandbox_package(
+    pool: WorkerPool, dependency_dir: Path
+) -> None:
+    """chatfn's own directory is an import path (for ``sandbox``); Landlock keeps the rest of
+    it (a checkout may hold a database, a .env) out of reach."""
+    probe = prober(pool, dependency_dir, 4, "none")
+    home = Path(sandbox.__file__).resolve().parent.parent
+    assert probe("try_read", str(home / "sandbox" / "policy.py")).startswith("read ")
+    assert probe("try_read", str(home / "pyproject.toml")) == "refused: Permission denied"
 
 
 def test_the_filter_program_denies_what_it_lists() -> None:
