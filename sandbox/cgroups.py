@@ -31,6 +31,7 @@ Backends, in order of preference:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -235,8 +236,40 @@ def _enable_controllers(cgroup_dir: str) -> None:
     _write(path, " ".join(f"+{c}" for c in CONTROLLERS))
 
 
+def _sweep_stale(layout: _Layout) -> None:
+    """Remove what a server that is gone left behind: ``chatfn-<pid>`` directories whose
+    pid no longer runs (their processes ended with it; empty cgroups can be removed)."""
+    for own in layout.own:
+        try:
+            entries = os.listdir(own)
+        except OSError:
+            continue
+        for entry in entries:
+            pid = entry.removeprefix("chatfn-")
+            if not entry.startswith("chatfn-") or not pid.isdigit() or _alive(int(pid)):
+                continue
+            stale = os.path.join(own, entry)
+            with contextlib.suppress(OSError):
+                for child in os.scandir(stale):
+                    if child.is_dir(follow_symlinks=False):
+                        _rmdir_quietly(child.path)
+            _rmdir_quietly(stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _ensure_parents(layout: _Layout) -> None:
-    """Make ``chatfn-<pid>`` in each hierarchy (v2: with the controllers enabled in it)."""
+    """Make ``chatfn-<pid>`` in each hierarchy (v2: with the controllers enabled in it),
+    after sweeping away those of servers that are gone."""
+    _sweep_stale(layout)
     made: list[str] = []
     try:
         for parent in layout.parents():

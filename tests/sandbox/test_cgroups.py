@@ -243,6 +243,30 @@ def test_parent_directory_goes_with_the_last_cgroup(make_cgroup: MakeCgroup) -> 
     assert not any(os.path.exists(parent) for parent in parents)
 
 
+def test_a_gone_servers_cgroups_are_swept(make_cgroup: MakeCgroup) -> None:
+    """A server that died leaves empty ``chatfn-<pid>`` cgroups; the next one removes them."""
+    first = make_cgroup()
+    owns = [os.path.dirname(os.path.dirname(p)) for p in first.paths]
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stale = [os.path.join(own, f"chatfn-{gone}") for own in owns]
+    for path in stale:
+        os.makedirs(os.path.join(path, "app-1-77"))
+    try:
+        make_cgroup()
+        assert not any(os.path.exists(path) for path in stale)
+        assert all(os.path.isdir(p) for p in first.paths)  # our own, alive, stay
+    finally:
+        for path in stale:
+            for leftover in (os.path.join(path, "app-1-77"), path):
+                if os.path.isdir(leftover):
+                    os.rmdir(leftover)
+
+
 def _is_dir(parent: str, name: str) -> bool:
     return os.path.isdir(os.path.join(parent, name))
 
