@@ -13,7 +13,10 @@ Measured in one run, on one trivial handler that makes one host call
 - fresh:       the naive sandbox, a new ``python -I`` interpreter per invocation;
 - spawn:       template fork to a ready worker;
 - memory:      an idle worker's private memory (what each extra worker really costs);
-- throughput:  two workers under concurrent load from four threads.
+- throughput:  two workers under concurrent load from four threads;
+- OS layers:   template boot, worker spawn and warm invoke with every isolation layer
+               (``Policy.layers``) on, with none, and with each layer alone; the layers a
+               template actually set up are recorded next to each figure.
 
 ``python bench/sandbox_bench.py`` prints a Markdown table with the targets; ``--json`` prints
 one JSON object and nothing else on stdout (progress goes to stderr, ``--quiet`` drops it);
@@ -34,16 +37,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from benchlib import emit, fmt, log, machine_basics, parser, percentile, self_cpu_s
 
-from sandbox import DEFAULT_POLICY, Deployment, DeploymentPool, Limits, WorkerPool
+from sandbox import DEFAULT_POLICY, Deployment, DeploymentPool, Limits, Policy, WorkerPool
 from sandbox.compiler import compile_source
 from sandbox.guards import Guards
 from sandbox.handler_api import Context, Event, SessionRejected, UserExistsError
+from sandbox.policy import ALL_LAYERS, LAYERS
 from sandbox.process import WorkerHandle
 from sandbox.wire import FrameReader, encode
 
@@ -431,6 +435,33 @@ def idle_worker(dp: DeploymentPool) -> WorkerHandle:
         return dp._idle[-1]
 
 
+def host_pid(worker: WorkerHandle) -> int:
+    """The worker's pid in this process's pid namespace. ``WorkerHandle.pid`` is the pid the
+    template sees, which with the pid_namespace layer is a pid inside the deployment's own
+    namespace (2, 3, ...); the pidfd's fdinfo gives the one /proc here knows."""
+    with open(f"/proc/self/fdinfo/{worker.pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return worker.pid
+
+
+def template_pid(dp: DeploymentPool) -> int | None:
+    """The template's pid here. With the pid_namespace layer the process the host started
+    forks the template (pid 1 of the new namespace) and only waits for it: its one child."""
+    proc = dp.zygote._proc
+    if proc is None:
+        return None
+    if not dp.zygote.report.on.get("pid_namespace"):
+        return proc.pid
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if len(children) == 1 else None
+
+
 def timed(fn: Callable[[], None], count: int, into: list[int], cpu: CpuSample) -> None:
     """Run ``fn`` ``count`` times, appending each duration (ns) and adding up the CPU used."""
     with cpu_accounting() as block:
@@ -452,7 +483,7 @@ def bench_warm(pool: WorkerPool, floor: Floor, it: Iterations) -> dict[str, Any]
     for _ in range(few):
         invoke_ok(pool, dep)
     worker = idle_worker(dp)
-    mem_few = memory_of(worker.pid)
+    mem_few = memory_of(host_pid(worker))
 
     def warm_invoke() -> None:
         invoke_ok(pool, dep)
@@ -478,7 +509,7 @@ def bench_warm(pool: WorkerPool, floor: Floor, it: Iterations) -> dict[str, Any]
             timed(fn, total // blocks, samples[kind], cpu[kind])
     if len(dp.spawn_ms) != spawns_before or idle_worker(dp) is not worker:
         raise RuntimeError("the warm worker was replaced during the warm run")
-    mem_after = memory_of(worker.pid)
+    mem_after = memory_of(host_pid(worker))
     us = summarize(samples["warm"], 1e3)
     rt_us = summarize(samples["floor"], 1e3)
     n_warm, n_floor = len(samples["warm"]), len(samples["floor"])
@@ -494,7 +525,13 @@ def bench_warm(pool: WorkerPool, floor: Floor, it: Iterations) -> dict[str, Any]
         reap_ns.append(time.perf_counter_ns() - t1)
     spawn_ms = summarize(spawn_ns, 1e6)
     zygote = dp.zygote._proc
-    zygote_mem = memory_of(zygote.pid) if zygote is not None else {}
+    started = zygote.pid if zygote is not None else None
+    template = template_pid(dp)
+    zygote_mem: Mapping[str, float | None] = memory_of(template) if template is not None else {}
+    # With a pid namespace, the process the host started only waits for the template.
+    waiter_mem: Mapping[str, float | None] = (
+        memory_of(started) if started is not None and started != template else {}
+    )
     return {
         "warm_p50_us": us["p50"],
         "warm_p90_us": us["p90"],
@@ -521,6 +558,8 @@ def bench_warm(pool: WorkerPool, floor: Floor, it: Iterations) -> dict[str, Any]
         "worker_invocations_after_warm_run": worker.invocations,
         "zygote_rss_mib": zygote_mem.get("rss_mib"),
         "zygote_private_mib": zygote_mem.get("private_mib"),
+        "zygote_waiter_rss_mib": waiter_mem.get("rss_mib"),
+        "zygote_waiter_private_mib": waiter_mem.get("private_mib"),
     }
 
 
@@ -573,6 +612,216 @@ def bench_throughput(pool: WorkerPool, it: Iterations) -> dict[str, Any]:
         "throughput_host_cpu_util": cpu.self_s / cpu.wall_s,
         "throughput_system_cpu_util": cpu.system_s / cpu.wall_s,
         "throughput_respawns": len(dp.spawn_ms) - spawns_before,
+    }
+
+
+# ---- OS layers: what the isolation layers cost --------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerIterations:
+    """Rounds per configuration, and per round: spawns and timed warm invocations (per
+    placement). "all" and "none" get more rounds; each layer alone gets fewer (enough to
+    show which, if any, stands out). Every round is a fresh deployment: rounds = boots."""
+
+    rounds: int
+    single_rounds: int
+    spawns: int
+    warm: int
+
+    @classmethod
+    def full(cls) -> LayerIterations:
+        return cls(15, 5, 3, 150)
+
+    @classmethod
+    def quick(cls) -> LayerIterations:
+        return cls(4, 1, 2, 50)
+
+
+# Where the warm worker runs relative to the invoking thread. "free": wherever the scheduler
+# puts it (production). On a machine with more than one CPU that is bimodal per worker: low
+# when the worker shares the invoking thread's CPU (a message is a direct hand-off), about
+# twice that when every message wakes the other CPU, and a worker tends to keep its mode for
+# life. Which mode a worker lands in varies from run to run, so a "free" p50 compares
+# placements as much as layers; pinning both ("same_cpu", "other_cpu") compares layers.
+PLACEMENTS = ("free", "same_cpu", "other_cpu")
+
+
+@dataclass
+class LayerConfig:
+    """One ``Policy.layers`` setting: what its templates set up, and its samples (ns)."""
+
+    name: str
+    layers: frozenset[str]
+    rounds: int
+    on: dict[str, bool] | None = None
+    why_off: dict[str, str] = field(default_factory=dict)
+    reports_differing: int = 0
+    boot_ns: list[int] = field(default_factory=list)
+    retire_ns: list[int] = field(default_factory=list)
+    spawn_ns: list[int] = field(default_factory=list)
+    reap_ns: list[int] = field(default_factory=list)
+    warm_ns: dict[str, list[int]] = field(default_factory=lambda: {p: [] for p in PLACEMENTS})
+    warm_round_p50_us: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        on = self.on or {}
+        boot, spawn = summarize(self.boot_ns, 1e6), summarize(self.spawn_ns, 1e6)
+        out: dict[str, Any] = {
+            "requested": [layer for layer in LAYERS if layer in self.layers],
+            "on": [layer for layer in LAYERS if on.get(layer)],
+            "on_count": sum(on.values()),
+            # Why a requested layer is off (those the policy turned off are not listed).
+            "why_off": {k: v for k, v in self.why_off.items() if k in self.layers},
+            "boot_p50_ms": boot["p50"],
+            "boot_p90_ms": boot["p90"],
+            "retire_p50_ms": summarize(self.retire_ns, 1e6)["p50"],
+            "spawn_p50_ms": spawn["p50"],
+            "spawn_p90_ms": spawn["p90"],
+            "reap_p50_ms": summarize(self.reap_ns, 1e6)["p50"],
+        }
+        for placement, samples in self.warm_ns.items():
+            us = summarize(samples, 1e3) if samples else {}
+            suffix = "" if placement == "free" else f"_{placement}"
+            out[f"warm{suffix}_p50_us"] = us.get("p50")
+            out[f"warm{suffix}_p90_us"] = us.get("p90")
+        # One "free" p50 per round, i.e. per worker: shows the bimodal placement.
+        out["warm_round_p50_us"] = self.warm_round_p50_us
+        out["boots"] = len(self.boot_ns)
+        out["spawns"] = len(self.spawn_ns)
+        out["invocations_per_placement"] = len(self.warm_ns["free"])
+        out["reports_differing"] = self.reports_differing
+        return out
+
+
+def layer_configs(it: LayerIterations) -> list[LayerConfig]:
+    configs = [
+        LayerConfig("all", ALL_LAYERS, it.rounds),
+        LayerConfig("none", frozenset(), it.rounds),
+    ]
+    if it.single_rounds:
+        configs += [LayerConfig(layer, frozenset({layer}), it.single_rounds) for layer in LAYERS]
+    return configs
+
+
+@contextmanager
+def placed(worker_pid: int, placement: str) -> Iterator[bool]:
+    """Pin this thread and the worker for ``placement``; yields False when the machine
+    cannot (one CPU for "other_cpu"). This thread's affinity is restored afterwards."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if placement == "free":
+        yield True
+        return
+    if placement == "other_cpu" and len(cpus) < 2:
+        yield False
+        return
+    host_cpu, worker_cpu = cpus[0], cpus[1] if placement == "other_cpu" else cpus[0]
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {host_cpu})
+    try:
+        os.sched_setaffinity(worker_pid, {worker_cpu})
+        yield True
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def layer_round(pool: WorkerPool, c: LayerConfig, version: int, it: LayerIterations) -> None:
+    """One fresh deployment under ``c``'s layers: boot it, spawn, invoke warm, retire."""
+    dep = Deployment(
+        app=f"{APP}-layers-{c.name}",
+        version=version,  # never booted before
+        files={HANDLER_FILE: HANDLER_SRC},
+        limits=Limits(max_invocations=10_000_000),
+        policy=Policy().with_layers(c.layers),
+    )
+    # Template boot: what prepare(warm=0) costs a deployment (validate, start the template
+    # interpreter, its imports and its layers, the cgroup). Retire is timed apart.
+    gc.collect()
+    t0 = time.perf_counter_ns()
+    dp = pool.prepare(dep, warm=0)
+    boot_ns = time.perf_counter_ns() - t0
+    try:
+        report = dp.zygote.report
+        if c.on is None:
+            c.on, c.why_off = dict(report.on), dict(report.why_off)
+        elif report.on != c.on:
+            c.reports_differing += 1
+        # Spawn: the very call the pool makes for a new worker (DeploymentPool._spawn_counted,
+        # whose spawn_ms records the same interval), from the request to the template
+        # through its fork and the worker's own layers (Landlock ruleset, rlimits) to the
+        # worker's ready frame. Called directly so the figure is that and nothing else:
+        # forcing spawns with max_invocations=1 would add the invocation, the kill and reap
+        # of the previous worker and a race with the janitor's replacement spawn. The reap
+        # is timed apart.
+        spawn_ns, reap_ns = [], []
+        for _ in range(it.spawns):
+            t0 = time.perf_counter_ns()
+            handle = dp.zygote.spawn()
+            t1 = time.perf_counter_ns()
+            dp.zygote.reap(handle)
+            spawn_ns.append(t1 - t0)
+            reap_ns.append(time.perf_counter_ns() - t1)
+        # Warm invoke: the same handler and host call as bench_warm, on this round's one
+        # worker (the first, untimed invocation spawns it), in each placement. A fresh
+        # worker per round, so "free" samples as many placements as there are rounds.
+        for _ in range(20):
+            invoke_ok(pool, dep)
+        worker = idle_worker(dp)
+        spawns = len(dp.spawn_ms)
+        warm_ns: dict[str, list[int]] = {p: [] for p in PLACEMENTS}
+
+        def warm_invoke() -> None:
+            invoke_ok(pool, dep)
+
+        for placement in PLACEMENTS:
+            with placed(host_pid(worker), placement) as possible:
+                if possible:
+                    for _ in range(10):  # let the worker migrate
+                        warm_invoke()
+                    gc.collect()
+                    timed(warm_invoke, it.warm, warm_ns[placement], CpuSample())
+        if len(dp.spawn_ms) != spawns or idle_worker(dp) is not worker:
+            raise RuntimeError(f"layers {c.name}: the warm worker was replaced")
+    finally:
+        t0 = time.perf_counter_ns()
+        pool.retire(dep.key)
+        retire_ns = time.perf_counter_ns() - t0
+    if version > 0:
+        c.boot_ns.append(boot_ns)
+        c.retire_ns.append(retire_ns)
+        c.spawn_ns += spawn_ns
+        c.reap_ns += reap_ns
+        for placement, samples in warm_ns.items():
+            c.warm_ns[placement] += samples
+        c.warm_round_p50_us.append(summarize(warm_ns["free"], 1e3)["p50"])
+
+
+def bench_layers(pool: WorkerPool, it: LayerIterations) -> dict[str, Any]:
+    """Template boot, worker spawn and warm invoke per layer configuration, in interleaved
+    rounds (each configuration once per round, each round a fresh deployment) so a drift
+    of the VM hits all configurations alike. Round 0 is a warm-up (page cache, cgroup
+    hierarchy) and is not recorded."""
+    configs = layer_configs(it)
+    for version in range(max(c.rounds for c in configs) + 1):
+        for c in configs:
+            if version <= c.rounds:
+                layer_round(pool, c, version, it)
+    out = {c.name: c.summary() for c in configs}
+    for c in configs:
+        if c.reports_differing:
+            log(False, f"layers {c.name}: {c.reports_differing} templates set up other layers")
+    all_, none = out["all"], out["none"]
+    keys = ["boot_p50_ms", "spawn_p50_ms", "warm_p50_us", "warm_same_cpu_p50_us"]
+    keys += ["warm_other_cpu_p50_us"]
+    return {
+        "layers": out,
+        "layers_all_vs_none": {
+            key.removesuffix("_ms").removesuffix("_us"): (
+                all_[key] / none[key] if all_[key] is not None and none[key] else None
+            )
+            for key in keys
+        },
+        "layers_iterations": asdict(it),
     }
 
 
@@ -701,10 +950,77 @@ def markdown(r: Mapping[str, Any]) -> str:
         ("run time", f"{fmt(r['elapsed_s'])} s"),
     ]
     lines += [f"| {a} | {b} |" for a, b in details]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *layers_markdown(r)])
 
 
-def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
+def layers_markdown(r: Mapping[str, Any]) -> list[str]:
+    """The OS layers table: p50s per configuration, with the difference from "none" (for a
+    single layer, that layer's own cost)."""
+    configs: Mapping[str, Mapping[str, Any]] = r["layers"]
+    none = configs["none"]
+    ratio = r["layers_all_vs_none"]
+    it = r["layers_iterations"]
+    columns = [
+        ("boot_p50_ms", "ms", 1),
+        ("spawn_p50_ms", "ms", 2),
+        ("warm_p50_us", "us", 1),
+        ("warm_same_cpu_p50_us", "us", 1),
+        ("warm_other_cpu_p50_us", "us", 1),
+    ]
+
+    def cell(c: Mapping[str, Any], key: str, unit: str, digits: int) -> str:
+        if c[key] is None:
+            return "n/a"
+        value = f"{fmt(c[key], digits)} {unit}"
+        if c is none or none[key] is None:
+            return value
+        return f"{value} ({c[key] - none[key]:+,.{digits}f})"
+
+    def row(name: str, label: str) -> str:
+        c = configs[name]
+        rounds = c["warm_round_p50_us"]
+        cells = [cell(c, *column) for column in columns]
+        spread = f"{fmt(min(rounds), 0)}-{fmt(max(rounds), 0)} us"
+        return f"| {label} ({c['on_count']} on) | {' | '.join(cells)} | {spread} |"
+
+    ratios = " | ".join(
+        "n/a" if (v := ratio[key.removesuffix("_ms").removesuffix("_us")]) is None
+        else f"{fmt(v, 2)}x"
+        for key, _, _ in columns
+    )  # fmt: skip
+    lines = [
+        "OS layers, p50 (in parentheses: difference from none). Per configuration "
+        f"{it['rounds']} rounds (each layer alone: {it['single_rounds']}), each a fresh "
+        f"deployment: 1 template boot, {it['spawns']} spawns, then {it['warm']} warm "
+        "invocations per placement on one fresh worker",
+        "",
+        "| layers | template boot | worker spawn | warm invoke | warm, same CPU "
+        "| warm, other CPU | warm, per-round p50s |",
+        "|---|---|---|---|---|---|---|",
+        row("all", "all"),
+        row("none", "none"),
+        f"| all / none | {ratios} | |",
+        *(row(layer, f"{layer} alone") for layer in LAYERS if layer in configs),
+    ]
+    off = [
+        f"{name if name in ('all', 'none') else name + ' alone'}: {layer} off ({why})"
+        for name, c in configs.items()
+        for layer, why in c["why_off"].items()
+    ]
+    if off:
+        lines += ["", "Requested but off: " + "; ".join(off)]
+    lines += [
+        "",
+        "warm invoke: the worker where the scheduler puts it. It is bimodal per worker: low "
+        "when the worker shares the invoking thread's CPU, about twice that when every "
+        "message wakes the other CPU; the per-round range shows both when both occurred, "
+        "and which dominates varies from run to run. Same CPU / other CPU: the invoking "
+        "thread and the worker pinned, so that the layers, not the placement, differ.",
+    ]
+    return lines
+
+
+def run(it: Iterations, layer_it: LayerIterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {}
     floor = Floor()  # first: it forks, so no thread may exist yet
@@ -720,6 +1036,9 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
         floor.close()
     log(quiet, "fresh process per invocation")
     results.update(bench_fresh(it))
+    log(quiet, "OS layers: template boot, spawn and warm invoke, all layers vs none vs each")
+    with WorkerPool() as pool:
+        results.update(bench_layers(pool, layer_it))
     results["warm_vs_floor"] = results["warm_p50_us"] / results["floor_p50_us"]
     results["warm_vs_fresh"] = results["fresh_process_p50_ms"] * 1000 / results["warm_p50_us"]
     results["isolation_overhead_us"] = results["warm_p50_us"] - results["inprocess_p50_us"]
@@ -734,7 +1053,8 @@ def run(it: Iterations, *, quick: bool, quiet: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__).parse_args(argv)
     it = Iterations.quick() if args.quick else Iterations.full()
-    results = run(it, quick=args.quick, quiet=args.quiet)
+    layer_it = LayerIterations.quick() if args.quick else LayerIterations.full()
+    results = run(it, layer_it, quick=args.quick, quiet=args.quiet)
     return emit(results, args.json, markdown)
 
 
