@@ -3,12 +3,16 @@ the policy being reported so, and a required layer that is off refusing the boot
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from sandbox import Deployment, Policy, WorkerPool, cgroups, landlock
+from sandbox import Deployment, Policy, WorkerPool, cgroups, landlock, seccomp
 from sandbox.errors import DeployRejected
 from sandbox.isolation import (
     Isolation,
@@ -136,3 +140,38 @@ def test_no_layers_at_all_still_runs_handlers() -> None:
         d = Deployment("a", 1, CODE, policy=Policy().with_layers(frozenset()))
         assert pool.invoke(d, "h", {}).value == "ok"
         assert not any(pool.pools()[d.key].zygote.report.on.values())
+
+
+UNPRIVILEGED = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from sandbox import Deployment, WorkerPool
+with WorkerPool() as pool:
+    d = Deployment("a", 1, {"h.py": "def handle_event(event, context):\\n    return 7\\n"})
+    result = pool.invoke(d, "h", {})
+    report = pool.pools()[d.key].zygote.report
+    print(json.dumps({"euid": os.geteuid(), "value": result.value, "on": report.on,
+                      "why_off": report.why_off}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
+def test_without_root_the_unprivileged_layers_still_hold() -> None:
+    """Run by an unprivileged uid (in a user namespace of its own, so it can still read this
+    checkout): Landlock and seccomp need no privilege; what needs root says so."""
+    home = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        ["unshare", "--user", sys.executable, "-c", UNPRIVILEGED, home],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no user namespaces here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["euid"] != 0 and out["value"] == 7
+    assert out["on"]["seccomp"] == seccomp.supported()
+    assert out["on"]["landlock"] == (landlock.abi_version() > 0)
+    for layer in ("uid", "pid_namespace", "ipc_namespace", "mount_namespace"):
+        assert not out["on"][layer] and out["why_off"][layer] == "needs root"

@@ -138,6 +138,29 @@ EVIL = """
         except OSError as exc:
             return _refused(exc)
         return "done: wrote " + path
+
+
+    def _shmget(key, flags):
+        libc = ctypes.CDLL(None, use_errno=True)
+        shmid = libc.shmget(key, 4096, flags)
+        return shmid, ctypes.get_errno()
+
+
+    def shm_create(key):
+        shmid, err = _shmget(key, 0o1000 | 0o666)  # IPC_CREAT, readable by everyone
+        return shmid if shmid >= 0 else "refused: " + _name(err)
+
+
+    def shm_find(key):
+        shmid, err = _shmget(key, 0)
+        return "done: found" if shmid >= 0 else "refused: " + _name(err)
+
+
+    def shm_remove(key):
+        shmid, _err = _shmget(key, 0)
+        if shmid >= 0:
+            ctypes.CDLL(None).shmctl(shmid, 0, None)  # IPC_RMID
+        return "removed"
 """
 
 HANDLER = """
@@ -455,6 +478,35 @@ def test_rlimits_stop_a_fork_bomb_of_a_worker_that_is_not_root(
     assert s.report().on["rlimits"], s.report().why_off
     assert run_attack(s, "fork_bomb", host) == {"forked": 0, "error": "EAGAIN"}
     assert_unharmed(s)
+
+
+SHM_KEY = 0x43484654  # "CHFT"
+
+
+def host_sees_shm(key: int) -> bool:
+    with open("/proc/sysvipc/shm") as f:
+        return any(line.split()[0] == str(key) for line in f.readlines()[1:])
+
+
+@pytest.mark.parametrize("alone", ["ipc_namespace"], indirect=True)
+def test_the_ipc_namespace_alone_keeps_shared_memory_private(
+    alone: tuple[str, Sandboxed], runtimes: Runtimes
+) -> None:
+    """A System V segment one app creates (readable by everyone) is invisible to another app
+    and to the host; with every layer off, the other app finds it."""
+    _layer, s = alone
+    assert isinstance(call(s.attacker, "shm_create", SHM_KEY), int)
+    assert call(s.victim, "shm_find", SHM_KEY) == "refused: ENOENT"
+    assert not host_sees_shm(SHM_KEY)
+    assert_unharmed(s)
+    control = runtimes.get(frozenset())
+    assert isinstance(call(control.attacker, "shm_create", SHM_KEY), int)
+    try:
+        assert call(control.victim, "shm_find", SHM_KEY) == "done: found"
+        assert host_sees_shm(SHM_KEY)
+    finally:
+        call(control.attacker, "shm_remove", SHM_KEY)
+    assert not host_sees_shm(SHM_KEY)
 
 
 # -- the control: nothing stops the harmless attacks -------------------------------------------
