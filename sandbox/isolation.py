@@ -99,21 +99,27 @@ class SandboxSettings:
 
 @dataclass
 class Isolation:
-    """What one template process set up: each layer on or off, and why it is off."""
+    """What one template process set up: each layer on or off, why it is off, and for some
+    layers that are on, how (the Landlock ABI, the cgroup version)."""
 
     on: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(LAYERS, False))
     why_off: dict[str, str] = field(default_factory=dict)
+    detail: dict[str, str] = field(default_factory=dict)
 
-    def set(self, layer: str, active: bool, why_off: str = "") -> None:
+    def set(self, layer: str, active: bool, note: str = "") -> None:
+        """``note``: why it is off, or (optional) how it is on."""
         assert layer in ALL_LAYERS, layer
         self.on[layer] = active
         if active:
             self.why_off.pop(layer, None)
+            if note:
+                self.detail[layer] = note
         else:
-            self.why_off[layer] = why_off or "not supported"
+            self.detail.pop(layer, None)
+            self.why_off[layer] = note or "not supported"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"on": dict(self.on), "why_off": dict(self.why_off)}
+        return {"on": dict(self.on), "why_off": dict(self.why_off), "detail": dict(self.detail)}
 
     @classmethod
     def from_dict(cls, data: Any) -> Isolation:
@@ -121,10 +127,12 @@ class Isolation:
         iso = cls()
         if not isinstance(data, dict):
             return iso
-        on, why = data.get("on"), data.get("why_off")
+        on, why, detail = data.get("on"), data.get("why_off"), data.get("detail")
         for layer in LAYERS:
             if isinstance(on, dict) and on.get(layer) is True:
                 iso.on[layer] = True
+                if isinstance(detail, dict) and isinstance(detail.get(layer), str):
+                    iso.detail[layer] = str(detail[layer])[:300]
             elif isinstance(why, dict) and isinstance(why.get(layer), str):
                 iso.why_off[layer] = str(why[layer])[:300]
             else:

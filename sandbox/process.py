@@ -169,7 +169,7 @@ class Zygote:
 
     def _join_cgroup(self, pid: int) -> tuple[bool, str]:
         """Put the template (and so every worker) in a cgroup of its own, capping the
-        deployment's memory and process count. Returns (on, why off)."""
+        deployment's memory and process count. Returns (on, why off or which version)."""
         if "cgroup" not in self.policy.layers:
             return False, "turned off by the policy"
         support = cgroups.detect()
@@ -192,7 +192,7 @@ class Zygote:
                 self._cgroup.remove()
                 self._cgroup = None
             return False, str(exc)
-        return True, ""
+        return True, f"cgroup {support.backend}"
 
     def _request(self, message: dict[str, Any], fds: list[int] | None = None) -> Any:
         ctl = self._ctl

@@ -235,7 +235,7 @@ class Template:
                 write=[writable],
                 network=self.limits.network,
             )
-            self.isolation.set("landlock", True)
+            self.isolation.set("landlock", True, f"ABI {self.landlock_abi}")
         except OSError as exc:
             self.isolation.set("landlock", False, str(exc))
 

@@ -174,6 +174,7 @@ def create_app(state: State) -> FastAPI:
             "apps": len(apps),
             "sandbox": dict(state.isolation.on),
             "sandbox_off": dict(state.isolation.why_off),
+            "sandbox_detail": dict(state.isolation.detail),
         }
 
     @api.get("/metrics", tags=["server"], dependencies=[Depends(admin)])

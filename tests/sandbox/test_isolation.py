@@ -70,8 +70,10 @@ def test_a_report_from_a_template_is_read_as_untrusted_data() -> None:
         {
             "on": {"seccomp": True, "landlock": "yes", "made_up": True},
             "why_off": {"uid": "x" * 10_000, "cgroup": 5},
+            "detail": {"seccomp": "y" * 1000, "landlock": "ABI 9", "uid": "z"},
         }
     )
+    assert report.detail == {"seccomp": "y" * 300}  # only for layers that are on
     assert report.on["seccomp"] and not report.on["landlock"]
     assert set(report.on) == set(LAYERS)
     assert len(report.why_off["uid"]) == 300
@@ -92,6 +94,10 @@ def test_the_report_names_what_is_on_and_why_the_rest_is_off(tmp_path: Path) -> 
         assert report.on[layer] or report.why_off[layer], layer
     assert report.on["rlimits"]
     assert report.on["landlock"] == (landlock.abi_version() > 0)
+    if report.on["landlock"]:
+        assert report.detail["landlock"] == f"ABI {landlock.abi_version()}"
+    if report.on["cgroup"]:
+        assert report.detail["cgroup"] == f"cgroup {cgroups.detect().backend}"
     assert report.on["cgroup"] == (os.geteuid() == 0 and cgroups.detect().backend is not None)
     if os.geteuid() == 0:
         for layer in ("uid", "pid_namespace", "ipc_namespace", "mount_namespace", "seccomp"):
