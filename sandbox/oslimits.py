@@ -56,13 +56,8 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
         raise OSError(err, f"mount {fstype or source or ''} on {target}: {os.strerror(err)}")
 
 
-def private_mounts(tmp_root: str, tmp_bytes: int) -> None:
-    """In a new mount namespace (as root): make every mount private to it and read-only,
-    give it a fresh /proc for its pid namespace, and a size-capped tmpfs over ``tmp_root``
-    so that other deployments' temporary directories are not even visible."""
-    attr = struct.pack(
-        "QQQQ", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, _MS_PRIVATE, 0
-    )
+def _set_mount_attributes(set_flags: int, clear_flags: int) -> None:
+    attr = struct.pack("QQQQ", set_flags, clear_flags, _MS_PRIVATE, 0)
     buffer = ctypes.create_string_buffer(attr, len(attr))
     _libc.syscall.restype = ctypes.c_long
     result = _libc.syscall(
@@ -71,9 +66,27 @@ def private_mounts(tmp_root: str, tmp_bytes: int) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount_setattr /: {os.strerror(err)}")
-    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "")
+
+
+def private_mounts(tmp_root: str, tmp_bytes: int) -> str:
+    """In a new mount namespace (as root): make every mount private to it and read-only, a
+    size-capped tmpfs over ``tmp_root`` so that other deployments' temporary directories
+    are not even visible, and a fresh /proc for its pid namespace. Returns a note on what
+    fell short (an empty string when nothing did); raises OSError, with the filesystem as
+    it was, when the read-only view or the tmpfs cannot be had."""
+    read_only = _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+    _set_mount_attributes(read_only, 0)
     size = max(1, tmp_bytes // 4096) * 4096
-    _mount("tmpfs", tmp_root, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0711")
+    try:
+        _mount("tmpfs", tmp_root, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=0711")
+    except OSError:
+        _set_mount_attributes(0, _MOUNT_ATTR_RDONLY)  # a writable temporary root again
+        raise
+    try:
+        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "")
+    except OSError as exc:
+        return f"the host's /proc stays visible ({exc})"
+    return ""
 
 
 def seccomp_mode() -> int:

@@ -125,7 +125,8 @@ class Template:
         if self.isolation.on["mount_namespace"]:
             tmp_bytes = (self.limits.max_workers + 1) * max(self.limits.file_size_mb, 1) * MIB
             try:
-                oslimits.private_mounts(self.tmp_root, tmp_bytes)
+                note = oslimits.private_mounts(self.tmp_root, tmp_bytes)
+                self.isolation.set("mount_namespace", True, note)
             except OSError as exc:
                 self.isolation.set("mount_namespace", False, f"namespace made, but {exc}")
 
