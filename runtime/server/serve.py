@@ -63,13 +63,16 @@ def prepare(
 
 
 def describe_layers(isolation: Isolation) -> str:
-    """One line per layer: on, or off and why."""
-    return "\n".join(
-        f"{layer:<18} on"
-        if isolation.on[layer]
-        else f"{layer:<18} off ({isolation.why_off[layer]})"
-        for layer in LAYERS
-    )
+    """One line per layer: on (and how, when that is known), or off and why."""
+    lines = []
+    for layer in LAYERS:
+        if isolation.on[layer]:
+            detail = isolation.detail.get(layer)
+            state = f"on ({detail})" if detail else "on"
+        else:
+            state = f"off ({isolation.why_off.get(layer, 'not reported')})"
+        lines.append(f"{layer:<18} {state}")
+    return "\n".join(lines)
 
 
 def _raise_open_file_limit() -> None:

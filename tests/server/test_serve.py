@@ -38,7 +38,9 @@ def test_start_probes_and_describes_every_layer() -> None:
         on = state.isolation.on[layer]
         assert line.split()[1] == ("on" if on else "off"), line
         if not on:
-            assert f"({state.isolation.why_off[layer]})" in line
+            assert line.endswith(f"({state.isolation.why_off[layer]})")
+        elif layer in state.isolation.detail:
+            assert line.endswith(f"on ({state.isolation.detail[layer]})")
 
 
 def test_a_missing_required_layer_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
