@@ -3,6 +3,7 @@ live on failure, atomic activation, rollback, and state that survives a restart.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from runtime.core import Runtime
 from runtime.invocations import Invocation
 from runtime.models import DeploymentRow
-from sandbox import Policy
+from sandbox import Policy, cgroups
 from sandbox.errors import DeployRejected, InvalidRequest, NotFound
+from sandbox.isolation import SandboxSettings
 from tests.runtime.conftest import ProjectFactory, served, version_project
 
 
@@ -41,6 +43,33 @@ def test_a_failed_deploy_reports_every_error_and_keeps_the_previous_version(
     assert failed.status == "failed" and failed.errors == errors
     assert app.state().version == 1
     assert served(app) == 1
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or cgroups.detect().backend is None, reason="needs root and cgroups"
+)
+def test_a_deploy_without_a_required_layer_keeps_the_previous_version(
+    tmp_path: Path, project: ProjectFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator requires the cgroup layer; when the machine stops offering it (say the
+    server moved to an undelegated cgroup), a deploy is refused, naming the layer and the
+    reason, and the live version keeps serving."""
+    settings = SandboxSettings(require=frozenset({"cgroup", "seccomp"}))
+    runtime = Runtime(f"sqlite:///{tmp_path / 'db.sqlite'}", sandbox=settings)
+    try:
+        app = runtime.create_app("required")
+        assert app.deploy(version_project(project, 1)).version == 1
+        monkeypatch.setattr(cgroups, "detect", lambda: cgroups.Support(None, "gone"))
+        with pytest.raises(DeployRejected) as caught:
+            app.deploy(version_project(project, 2))
+        assert caught.value.message == (
+            "required sandbox layer(s) cgroup not available: cgroup: gone"
+        )
+        assert app.deployments.get(2).status == "failed"
+        assert app.state().version == 1
+        assert served(app) == 1
+    finally:
+        runtime.close()
 
 
 def test_rollback_activates_an_older_version(runtime: Runtime, project: ProjectFactory) -> None:
