@@ -140,6 +140,14 @@ EVIL = """
         return "done: wrote " + path
 
 
+    def signal_host(pid):
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether it could
+        except OSError as exc:
+            return _refused(exc)
+        return "done: may signal"
+
+
     def _shmget(key, flags):
         libc = ctypes.CDLL(None, use_errno=True)
         shmid = libc.shmget(key, 4096, flags)
@@ -383,6 +391,8 @@ def run_attack(s: Sandboxed, attack: str, host: Host) -> Any:
         return call(s.attacker, "exec_sh", str(host.marker))
     if attack == "ptrace":
         return call(s.attacker, "ptrace", os.getpid())
+    if attack == "signal_host":
+        return call(s.attacker, "signal_host", os.getpid())
     if attack == "read_db":
         return call(s.attacker, "read", str(s.database))
     if attack == "read_victim":
@@ -406,11 +416,15 @@ def assert_no_evidence(s: Sandboxed, host: Host) -> None:
 MATRIX: dict[str, dict[str, str]] = {
     "uid": {
         "ptrace": "EPERM",  # another uid's process (and no CAP_SYS_PTRACE)
+        "signal_host": "EPERM",
         "read_db": "EACCES",  # the 0700 directory of the database
         "read_victim": "EACCES",  # the victim's own 0700 temporary directory
         "write_outside": "EACCES",
     },
-    "pid_namespace": {"ptrace": "ESRCH"},  # the host's pid does not exist in there
+    "pid_namespace": {
+        "ptrace": "ESRCH",
+        "signal_host": "ESRCH",
+    },  # the host's pid does not exist in there
     "mount_namespace": {
         "read_victim": "ENOENT",  # a private tmpfs over the temporary root
         "write_outside": "EROFS",  # everything else read-only
@@ -419,6 +433,7 @@ MATRIX: dict[str, dict[str, str]] = {
     "landlock": {
         "exec_sh": "EACCES",  # no execute right anywhere
         "ptrace": "EPERM",  # a process outside the domain
+        "signal_host": "EPERM",  # ABI 6 scope: no signal leaves the domain
         "read_db": "EACCES",
         "read_victim": "EACCES",
         "connect": "EACCES",  # TCP connect refused for network "none"
@@ -445,6 +460,8 @@ def test_one_layer_alone_refuses_the_attack(
     layer, s = alone
     if layer == "landlock" and attack == "connect" and landlock.abi_version() < 4:
         pytest.skip("Landlock refuses TCP connect from ABI 4 on")
+    if layer == "landlock" and attack == "signal_host" and landlock.abi_version() < 6:
+        pytest.skip("Landlock scopes signals from ABI 6 on")
     assert run_attack(s, attack, host) == f"refused: {MATRIX[layer][attack]}"
     assert_no_evidence(s, host)
     assert_unharmed(s)
@@ -523,6 +540,7 @@ def test_with_every_layer_off_the_harmless_attacks_work(unconfined: Sandboxed, h
     assert run_attack(s, "read_db", host).startswith("done: SQLite format 3\x00")
     assert run_attack(s, "read_victim", host) == f"done: {SECRET}"
     assert run_attack(s, "connect", host) == "done: connected"
+    assert run_attack(s, "signal_host", host) == "done: may signal"
     target = host.outside(s)
     assert run_attack(s, "write_outside", host) == f"done: wrote {target}"
     assert target.read_text() == "pwned"
@@ -550,6 +568,7 @@ def defaults(runtimes: Runtimes) -> Sandboxed:
 EVERYTHING_ON = {
     "exec_sh": "refused: EPERM",
     "ptrace": "refused: EPERM",
+    "signal_host": "refused: ESRCH",  # the pid namespace: the host's pid is not there
     "read_db": "refused: EACCES",
     "read_victim": "refused: ENOENT",
     "connect": "refused: EACCES",
