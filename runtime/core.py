@@ -11,6 +11,7 @@ Flow of one invocation (``App.invoke``, and the hooks inside ``start_session``):
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import logging
 import threading
@@ -47,7 +48,7 @@ from runtime.secrets import Secrets
 from runtime.users import Users
 from runtime.validation import check_app_name, check_guest_users
 from sandbox import DEFAULT_POLICY, ChatfnError, Deployment, Policy, WorkerPool, validate
-from sandbox.errors import AlreadyExists, DeployRejected, NotDeployed, NotFound
+from sandbox.errors import AlreadyExists, DeployRejected, NotDeployed, NotFound, Overloaded
 from sandbox.isolation import SandboxSettings
 from sandbox.policy import PolicyError
 
@@ -271,7 +272,17 @@ class App:
                     invocation.id,
                 )
 
-        self.runtime.background(task)
+        if not self.runtime.background(task):
+            # Shed, but never silently: the invocation log and the metrics show it.
+            error = Overloaded(
+                f"{event.name} not run: {self.runtime.max_background} background "
+                "invocations are already waiting"
+            )
+            invocation = self.runtime.not_run(self.name, event.name, error)
+            invocation = dataclasses.replace(invocation, deployment_version=state.version)
+            with self.runtime.db.write() as c:
+                store(c, self.id, invocation)
+            self.runtime.observe(invocation)
 
     def invocations(
         self,
@@ -334,6 +345,7 @@ class Runtime:
         envs_dir: str | Path | None = None,
         background_workers: int = 4,
         sandbox: SandboxSettings | None = None,
+        max_background: int = 10_000,
     ) -> None:
         # The operator's sandbox settings (CHATFN_SANDBOX_* by default): which OS layers,
         # which are required, and the uids apps run as.
@@ -355,6 +367,8 @@ class Runtime:
             max_workers=background_workers, thread_name_prefix="chatfn-background"
         )
         self._pending: set[concurrent.futures.Future[None]] = set()
+        # Background invocations waiting or running at most; more are shed as overloaded.
+        self.max_background = max_background
         self._closed = False
         # Called with every invocation that ran (metrics); must be quick and never raise.
         self.observers: list[Callable[[Invocation], None]] = []
@@ -517,7 +531,10 @@ class Runtime:
 
     # -- background work --------------------------------------------------------------------
 
-    def background(self, task: Callable[[], None]) -> None:
+    def background(self, task: Callable[[], None]) -> bool:
+        """Run ``task`` on the background pool; False (not queued) when ``max_background``
+        tasks are already waiting or running, or the runtime is closed."""
+
         def guarded() -> None:
             try:
                 task()
@@ -525,11 +542,12 @@ class Runtime:
                 log.warning("background invocation failed: %s", type(exc).__name__)
 
         with self._lock:
-            if self._closed:
-                return
+            if self._closed or len(self._pending) >= self.max_background:
+                return False
             future = self._background.submit(guarded)
             self._pending.add(future)
         future.add_done_callback(self._pending.discard)
+        return True
 
     def drain(self, timeout: float | None = 30.0) -> None:
         """Wait for background invocations (UserStartedSession, UserEndedSession)."""

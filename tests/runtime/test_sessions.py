@@ -283,6 +283,34 @@ def test_started_and_ended_sessions_run_their_hooks(runtime: Runtime, hooks_app:
     assert session_id in {s["id"] for s in hooks_app.sessions(active=False)}
 
 
+def test_background_hooks_beyond_the_cap_are_shed_and_logged(
+    runtime: Runtime, hooks_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full background queue sheds a hook as ``overloaded``, visibly: the invocation log
+    has it, and the session itself still starts."""
+    release = threading.Event()
+    monkeypatch.setattr(runtime, "max_background", 1)
+    try:
+        def hold() -> None:
+            release.wait(30)
+
+        assert runtime.background(hold)  # fills the one place
+        result = hooks_app.start_session("shed")
+        assert result.session is not None
+        shed = hooks_app.invocations(limit=5, event="UserStartedSession", status="failed")
+        assert shed and shed[0].error is not None
+        assert shed[0].error.code == "overloaded"
+        assert shed[0].error.message == (
+            "UserStartedSession not run: 1 background invocations are already waiting"
+        )
+        assert shed[0].deployment_version == hooks_app.state().version
+        assert not runtime.background(lambda: None)
+    finally:
+        release.set()
+        runtime.drain()
+    assert runtime.background(lambda: None)  # room again
+
+
 def test_ending_an_unknown_or_ended_session_is_not_found(hooks_app: App) -> None:
     from sandbox.errors import InvalidRequest, NotFound
 
