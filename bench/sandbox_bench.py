@@ -428,6 +428,21 @@ def invoke_ok(pool: WorkerPool, dep: Deployment) -> None:
         raise RuntimeError(f"invocation failed: {result.error}")
 
 
+def spawns_and_reaps(dp: DeploymentPool, count: int) -> tuple[list[int], list[int]]:
+    """``count`` worker spawns straight from the template, each reaped at once: the spawn
+    and reap durations in ns."""
+    spawn_ns: list[int] = []
+    reap_ns: list[int] = []
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        handle = dp.zygote.spawn()
+        t1 = time.perf_counter_ns()
+        dp.zygote.reap(handle)
+        spawn_ns.append(t1 - t0)
+        reap_ns.append(time.perf_counter_ns() - t1)
+    return spawn_ns, reap_ns
+
+
 def idle_worker(dp: DeploymentPool) -> WorkerHandle:
     with dp._cond:
         if not dp._idle:
@@ -514,15 +529,7 @@ def bench_warm(pool: WorkerPool, floor: Floor, it: Iterations) -> dict[str, Any]
     rt_us = summarize(samples["floor"], 1e3)
     n_warm, n_floor = len(samples["warm"]), len(samples["floor"])
 
-    spawn_ns: list[int] = []
-    reap_ns: list[int] = []
-    for _ in range(it.spawn):
-        t0 = time.perf_counter_ns()
-        handle = dp.zygote.spawn()
-        t1 = time.perf_counter_ns()
-        dp.zygote.reap(handle)
-        spawn_ns.append(t1 - t0)
-        reap_ns.append(time.perf_counter_ns() - t1)
+    spawn_ns, reap_ns = spawns_and_reaps(dp, it.spawn)
     spawn_ms = summarize(spawn_ns, 1e6)
     zygote = dp.zygote._proc
     started = zygote.pid if zygote is not None else None
@@ -753,14 +760,7 @@ def layer_round(pool: WorkerPool, c: LayerConfig, version: int, it: LayerIterati
         # forcing spawns with max_invocations=1 would add the invocation, the kill and reap
         # of the previous worker and a race with the janitor's replacement spawn. The reap
         # is timed apart.
-        spawn_ns, reap_ns = [], []
-        for _ in range(it.spawns):
-            t0 = time.perf_counter_ns()
-            handle = dp.zygote.spawn()
-            t1 = time.perf_counter_ns()
-            dp.zygote.reap(handle)
-            spawn_ns.append(t1 - t0)
-            reap_ns.append(time.perf_counter_ns() - t1)
+        spawn_ns, reap_ns = spawns_and_reaps(dp, it.spawns)
         # Warm invoke: the same handler and host call as bench_warm, on this round's one
         # worker (the first, untimed invocation spawns it), in each placement. A fresh
         # worker per round, so "free" samples as many placements as there are rounds.
