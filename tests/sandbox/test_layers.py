@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sqlite3
 import textwrap
@@ -146,6 +147,13 @@ EVIL = """
         except OSError as exc:
             return _refused(exc)
         return "done: may signal"
+
+
+    def hog(mib):
+        block = bytearray(mib * 1024 * 1024)
+        for i in range(0, len(block), 4096):
+            block[i] = 1  # touch every page: charged to the cgroup
+        return "done: %d MiB" % mib
 
 
     def _shmget(key, flags):
@@ -355,7 +363,7 @@ def assert_unharmed(s: Sandboxed) -> None:
     assert tracer_of(os.getpid()) == 0
     with contextlib.closing(sqlite3.connect(f"file:{s.database}?mode=ro", uri=True)) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    assert s.runtime.apps() == ["attacker", "victim"]
+    assert {"attacker", "victim"} <= set(s.runtime.apps())
     user = s.attacker.users.get_user("alice")
     assert user is not None and user["name"] == "alice"
 
@@ -495,6 +503,57 @@ def test_rlimits_stop_a_fork_bomb_of_a_worker_that_is_not_root(
     assert s.report().on["rlimits"], s.report().why_off
     assert run_attack(s, "fork_bomb", host) == {"forked": 0, "error": "EAGAIN"}
     assert_unharmed(s)
+
+
+def test_rlimits_cap_a_workers_address_space(
+    runtimes: Runtimes, project: Path, tmp_path: Path
+) -> None:
+    s = runtimes.get(frozenset({"uid", "rlimits"}) if ROOT else frozenset({"rlimits"}))
+    hog = deploy_hog(s, project, tmp_path)
+    inv = invoke(hog, "hog", HOG_MIB)
+    assert inv.failed and inv.error is not None, inv.result
+    assert inv.error.code == "resource_limit", inv.error
+    assert call(hog, "ping") == "pong"
+    assert_unharmed(s)
+
+
+HOG_MANIFEST = """
+[runtime]
+network = "none"
+memory_mb = 64
+max_workers = 1
+"""
+HOG_MIB = 400  # well over the hog app's cgroup: (1 + 1) x (64 + 16) MiB = 160 MiB
+
+
+def deploy_hog(s: Sandboxed, project: Path, tmp_path: Path) -> App:
+    """An app with small limits, from the same project (so the same locked ``evil``)."""
+    small = tmp_path / "hog-project"
+    if not small.exists():
+        shutil.copytree(project, small)
+        (small / "chatfn.toml").write_text(HOG_MANIFEST)
+    app = s.runtime.ensure_app("hog")
+    if app.state().version is None:
+        assert app.deploy(small).status == "active"
+    return app
+
+
+@pytest.mark.parametrize("alone", ["cgroup"], indirect=True)
+def test_the_cgroup_alone_caps_a_deployments_memory(
+    alone: tuple[str, Sandboxed], runtimes: Runtimes, project: Path, tmp_path: Path
+) -> None:
+    """No RLIMIT_AS here: the cgroup's memory limit is all that stops the allocation (the
+    kernel's OOM killer ends the worker); with every layer off, it succeeds."""
+    _layer, s = alone
+    hog = deploy_hog(s, project, tmp_path)
+    inv = invoke(hog, "hog", HOG_MIB)
+    assert inv.failed and inv.error is not None, inv.result
+    assert inv.error.code == "worker_crashed" and "SIGKILL" in inv.error.message, inv.error
+    assert call(hog, "ping") == "pong"  # the next invocation, on a new worker
+    assert_unharmed(s)
+    control = runtimes.get(frozenset())
+    unlimited = deploy_hog(control, project, tmp_path)
+    assert call(unlimited, "hog", HOG_MIB) == f"done: {HOG_MIB} MiB"
 
 
 SHM_KEY = 0x43484654  # "CHFT"
