@@ -291,6 +291,7 @@ def test_background_hooks_beyond_the_cap_are_shed_and_logged(
     release = threading.Event()
     monkeypatch.setattr(runtime, "max_background", 1)
     try:
+
         def hold() -> None:
             release.wait(30)
 
