@@ -43,6 +43,7 @@ from runtime.deployments import DeploymentInfo, Deployments
 from runtime.events import EventType, resolve
 from runtime.invocations import Invocation, from_result, get_invocation, list_invocations, store
 from runtime.models import AppRow, DeploymentRow, SessionRow
+from runtime.nodes import Node
 from runtime.project import Project, read_project
 from runtime.secrets import Secrets
 from runtime.users import Users
@@ -326,8 +327,11 @@ class App:
 
     def connect(self) -> sessions.Connection:
         """A connection: at most one active session at a time; closing it ends that session
-        with reason ``disconnected``."""
-        return sessions.Connection(self)
+        with reason ``disconnected``. The first connection registers this process as a node,
+        so that if it dies, another node (or its next start) ends its sessions."""
+        node = self.runtime.node
+        node.start()
+        return sessions.Connection(self, node.id)
 
     def sessions(self, *, active: bool = True, limit: int = 100) -> list[dict[str, Any]]:
         return sessions.list_sessions(self, active=active, limit=limit)
@@ -373,6 +377,7 @@ class Runtime:
         # Called with every invocation that ran (metrics); must be quick and never raise.
         self.observers: list[Callable[[Invocation], None]] = []
         self.changes = Changes(self.db, self._changed_elsewhere)
+        self.node = Node(self)
 
     # -- apps -------------------------------------------------------------------------------
 
@@ -573,6 +578,7 @@ class Runtime:
         self.background(warm)
 
     def close(self) -> None:
+        self.node.stop()
         self.changes.close()
         self.drain()
         with self._lock:

@@ -124,14 +124,29 @@ class SecretRow(Base):
     updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class NodeRow(Base):
+    """A process that holds connections (``chatfn serve``), while it runs: its heartbeat."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class SessionRow(Base):
     __tablename__ = "sessions"
-    __table_args__ = (Index("ix_sessions_app_active", "app_id", "ended_at"),)
+    __table_args__ = (
+        Index("ix_sessions_app_active", "app_id", "ended_at"),
+        Index("ix_sessions_node_active", "node_id", "ended_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     app_id: Mapped[int] = mapped_column(ForeignKey("apps.id", ondelete="CASCADE"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     connection_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The node whose connection holds it (None: started without a connection).
+    node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     started_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, default=utcnow)
     ended_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # ended | disconnected

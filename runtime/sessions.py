@@ -86,7 +86,12 @@ def client_error(invocation: Invocation) -> ChatfnError:
 
 
 def start_session(
-    app: App, username: Any, auth_params: Any = None, *, connection_id: str | None = None
+    app: App,
+    username: Any,
+    auth_params: Any = None,
+    *,
+    connection_id: str | None = None,
+    node_id: str | None = None,
 ) -> SessionResult:
     try:
         check_name(username)
@@ -112,7 +117,9 @@ def start_session(
 
     session_id = uuid.uuid4().hex
     try:
-        session = _store_session(app, username, state, session_id, connection_id, invocation)
+        session = _store_session(
+            app, username, state, session_id, (connection_id, node_id), invocation
+        )
     except ChatfnError as exc:
         return SessionResult(error=exc, invocation=invocation)
     app.run_in_background(STARTED, {"user": session["user"], "session_id": session_id}, state)
@@ -129,7 +136,7 @@ def _store_session(
     username: str,
     state: AppState,
     session_id: str,
-    connection_id: str | None,
+    held_by: tuple[str | None, str | None],
     invocation: Invocation | None,
 ) -> dict[str, Any]:
     """In one write transaction: the handler's invocation record, the guest user if one is
@@ -164,7 +171,8 @@ def _store_session(
                             "id": session_id,
                             "app_id": app.id,
                             "user_id": user.id,
-                            "connection_id": connection_id,
+                            "connection_id": held_by[0],
+                            "node_id": held_by[1],
                             "started_at": started,
                             "ended_at": None,
                             "end_reason": None,
@@ -279,9 +287,11 @@ class Connection:
     """One client connection: at most one active session; closing it ends the session as
     ``disconnected``. The WebSocket endpoint holds one per socket."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, node_id: str | None = None) -> None:
         self.app = app
         self.id = uuid.uuid4().hex
+        # The node whose death would leave the session behind (runtime.nodes reaps it).
+        self.node_id = node_id
         self.session_id: str | None = None
         self.state = SessionState.IDLE
         self._lock = threading.Lock()
@@ -305,7 +315,9 @@ class Connection:
                 )
             self._move(SessionState.STARTING)
             try:
-                result = start_session(self.app, username, auth_params, connection_id=self.id)
+                result = start_session(
+                    self.app, username, auth_params, connection_id=self.id, node_id=self.node_id
+                )
             except BaseException:
                 self._move(SessionState.IDLE)
                 raise

@@ -21,7 +21,7 @@ def test_migrations_build_exactly_the_models_schema(tmp_path: Path) -> None:
     with db.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == "0003"
+        assert context.get_current_revision() == "0004"
     tables = set(inspect(db.engine).get_table_names())
     assert {"apps", "users", "deployments", "secrets", "sessions", "invocations"} <= tables
     db.migrate()  # a second run is a no-op
