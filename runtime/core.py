@@ -327,11 +327,9 @@ class App:
 
     def connect(self) -> sessions.Connection:
         """A connection: at most one active session at a time; closing it ends that session
-        with reason ``disconnected``. The first connection registers this process as a node,
-        so that if it dies, another node (or its next start) ends its sessions."""
-        node = self.runtime.node
-        node.start()
-        return sessions.Connection(self, node.id)
+        with reason ``disconnected``. Its first session registers this process as a node, so
+        that if it dies, another node (or its next start) ends its sessions."""
+        return sessions.Connection(self, self.runtime.node)
 
     def sessions(self, *, active: bool = True, limit: int = 100) -> list[dict[str, Any]]:
         return sessions.list_sessions(self, active=active, limit=limit)

@@ -41,6 +41,7 @@ from sandbox.errors import (
 
 if TYPE_CHECKING:
     from runtime.core import App, AppState
+    from runtime.nodes import Node
 
 ATTEMPTED = resolve("UserAttemptedStartSession")
 STARTED = resolve("UserStartedSession")
@@ -287,11 +288,11 @@ class Connection:
     """One client connection: at most one active session; closing it ends the session as
     ``disconnected``. The WebSocket endpoint holds one per socket."""
 
-    def __init__(self, app: App, node_id: str | None = None) -> None:
+    def __init__(self, app: App, node: Node | None = None) -> None:
         self.app = app
         self.id = uuid.uuid4().hex
         # The node whose death would leave the session behind (runtime.nodes reaps it).
-        self.node_id = node_id
+        self.node = node
         self.session_id: str | None = None
         self.state = SessionState.IDLE
         self._lock = threading.Lock()
@@ -315,8 +316,12 @@ class Connection:
                 )
             self._move(SessionState.STARTING)
             try:
+                node_id = None
+                if self.node is not None:
+                    self.node.start()  # registered before its first session is stored
+                    node_id = self.node.id
                 result = start_session(
-                    self.app, username, auth_params, connection_id=self.id, node_id=self.node_id
+                    self.app, username, auth_params, connection_id=self.id, node_id=node_id
                 )
             except BaseException:
                 self._move(SessionState.IDLE)

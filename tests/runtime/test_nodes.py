@@ -119,7 +119,9 @@ def test_a_lost_nodes_sessions_are_ended_as_disconnected_once(
 def test_a_node_that_comes_back_registers_again(runtime: Runtime, other: Runtime) -> None:
     """Taken for lost during a long pause, a node finds its row gone at its next beat and
     registers again (its old sessions were ended; new ones are its own)."""
-    other.app("nodes").connect().close()
+    connection = other.app("nodes").connect()
+    assert connection.start_session("fay").session is not None  # registers the node
+    connection.close()
     backdate(runtime, other.node.id, runtime.node.lost_after_s + 1)
     runtime.node.reap()
     assert other.node.id not in node_ids(runtime)
@@ -160,6 +162,12 @@ def test_the_heartbeat_keeps_a_node_seen(runtime: Runtime) -> None:
     finally:
         node.stop()
     assert node.id not in node_ids(runtime)  # a clean stop leaves the registry
+
+
+def test_a_connection_without_a_session_registers_nothing(database_url: str) -> None:
+    with Runtime(database_url) as rt:
+        rt.ensure_app("quiet").connect().close()
+        assert rt.node.id not in node_ids(rt)
 
 
 def test_bad_timings_are_refused(runtime: Runtime) -> None:
