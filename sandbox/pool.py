@@ -32,6 +32,7 @@ from sandbox.errors import (
     NotDeployed,
     Overloaded,
     SandboxViolation,
+    WorkerCrashed,
 )
 from sandbox.isolation import Isolation
 from sandbox.policy import DEFAULT_LIMITS, DEFAULT_POLICY, Limits, Policy
@@ -180,7 +181,10 @@ class DeploymentPool:
         try:
             if not self.zygote.alive:
                 self.zygote.stop()
-                self.zygote.start()
+                try:
+                    self.zygote.start()
+                except BootError as exc:  # one invocation fails, not the caller
+                    raise WorkerCrashed(f"the template process could not restart: {exc}") from None
             worker = self.zygote.spawn()
         except BaseException:
             with self._cond:

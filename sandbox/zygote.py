@@ -91,6 +91,7 @@ class Template:
         self.read_rules: list[int] = []
         self.list_rules: list[int] = []
         self.statm_fd = -1
+        self.parent_alive_fd = -1
         self.landlock_abi = 0
         self.isolation = Isolation()
 
@@ -139,14 +140,9 @@ class Template:
             # The template: dies with the process the host started (and with it, being pid
             # 1 of the namespace, every worker).
             os.close(alive_w)
-            oslimits.prctl(oslimits.PR_SET_PDEATHSIG, signal.SIGKILL)
             os.set_blocking(alive_r, False)
-            try:
-                os.read(alive_r, 1)
-                os._exit(0)  # end of file: the parent already exited
-            except BlockingIOError:
-                pass
-            os.close(alive_r)
+            self.parent_alive_fd = alive_r
+            self.die_with_parent()
             return
         os.close(alive_r)
         self.ctl.close()
@@ -157,6 +153,18 @@ class Template:
             except InterruptedError:
                 continue
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+    def die_with_parent(self) -> None:
+        """(Again) ask for SIGKILL when the parent exits, then check it has not already: a
+        uid change clears the request, so the uid drop calls this once more."""
+        if self.parent_alive_fd < 0:
+            return
+        oslimits.prctl(oslimits.PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:
+            os.read(self.parent_alive_fd, 1)
+            os._exit(0)  # end of file: the parent already exited
+        except BlockingIOError:
+            pass
 
     def boot(self) -> None:
         """Compile, import the trusted modules, isolate, and only then, with privileges
@@ -188,6 +196,7 @@ class Template:
         self.tmp_root = oslimits.make_private_dir(self.tmp_root, name, uid, gid)
         if drop:
             oslimits.drop_privileges(self.policy)
+            self.die_with_parent()
             self.isolation.set("uid", True)
         else:
             why = "turned off by the policy" if self.root else "needs root"

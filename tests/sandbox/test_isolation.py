@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from sandbox.isolation import (
     parse_layers,
 )
 from sandbox.policy import ALL_LAYERS, LAYERS, PolicyError
-from sandbox.process import Zygote
+from sandbox.process import LayersMissing, Zygote
 
 CODE = {"h.py": "def handle_event(event, context):\n    return 'ok'\n"}
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and the uid need root")
@@ -181,3 +182,44 @@ def test_without_root_the_unprivileged_layers_still_hold() -> None:
     assert out["on"]["landlock"] == (landlock.abi_version() > 0)
     for layer in ("uid", "pid_namespace", "ipc_namespace", "mount_namespace"):
         assert not out["on"][layer] and out["why_off"][layer] == "needs root"
+
+
+def test_a_dead_template_takes_its_workers_and_restarts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The template dies (the OOM killer, an operator's kill): its workers die with it
+    (PDEATHSIG, set again after the uid drop, which clears it), one invocation fails, the
+    next restarts it; a restart that fails (a required layer gone) fails invocations with
+    the reason, never the caller."""
+    with WorkerPool() as pool:
+        d = Deployment("a", 1, CODE, policy=Policy().with_layers(ALL_LAYERS, {"seccomp"}))
+        assert pool.invoke(d, "h", {}).value == "ok"
+        zygote = pool.pools()[d.key].zygote
+
+        def kill_template() -> None:
+            workers = list(pool.pools()[d.key]._idle)
+            assert workers
+            proc = zygote._proc
+            assert proc is not None
+            proc.kill()
+            proc.wait()
+            for worker in workers:  # a pidfd turns readable when its process has exited
+                assert select.select([worker.pidfd], [], [], 10)[0], "the worker outlived it"
+
+        kill_template()
+        lost = pool.invoke(d, "h", {})
+        assert lost.error is not None and lost.error.code == "worker_crashed", lost
+        assert pool.invoke(d, "h", {}).value == "ok"  # restarted
+
+        def refuse() -> None:
+            raise LayersMissing("required sandbox layer(s) seccomp not available: seccomp: gone")
+
+        kill_template()
+        monkeypatch.setattr(zygote, "start", refuse)
+        first, second = pool.invoke(d, "h", {}), pool.invoke(d, "h", {})
+        assert first.error is not None and first.error.code == "worker_crashed"
+        assert second.error is not None and second.error.code == "worker_crashed"
+        assert second.error.message == (
+            "the template process could not restart: "
+            "required sandbox layer(s) seccomp not available: seccomp: gone"
+        )
