@@ -444,6 +444,24 @@ class Bench:
                 return time.monotonic(), polls
             await asyncio.sleep(interval_s)
 
+    async def _change_reaches_b(
+        self,
+        change: Callable[[], Awaitable[float]],
+        b_serves: Callable[[], Awaitable[bool]],
+    ) -> dict[str, float]:
+        """Make ``change`` on node A while polling B until ``b_serves``: when A answered,
+        how long after that B served the change, and how many polls it took."""
+        t0 = time.monotonic()
+        a_at, (b_at, polls) = await asyncio.wait_for(
+            asyncio.gather(change(), self._poll(b_serves)), 60
+        )
+        return {
+            "a_answered_ms": (a_at - t0) * 1e3,
+            "delay_ms": (b_at - a_at) * 1e3,
+            "from_request_ms": (b_at - t0) * 1e3,
+            "b_polls": float(polls),
+        }
+
     async def _deploy(self, on_a: httpx.AsyncClient, ws: ClientConnection) -> dict[str, float]:
         self.build += 1
         build = str(self.build)
@@ -528,16 +546,7 @@ class Bench:
                 raise RuntimeError(f"settings: {response.status_code} {response.text[:300]}")
             return time.monotonic()
 
-        t0 = time.monotonic()
-        a_at, (b_at, polls) = await asyncio.wait_for(
-            asyncio.gather(change(), self._poll(b_serves)), 60
-        )
-        return {
-            "a_answered_ms": (a_at - t0) * 1e3,
-            "delay_ms": (b_at - a_at) * 1e3,
-            "from_request_ms": (b_at - t0) * 1e3,
-            "b_polls": float(polls),
-        }
+        return await self._change_reaches_b(change, b_serves)
 
     async def _secret(
         self, on_a: httpx.AsyncClient, on_b: httpx.AsyncClient, value: str
@@ -559,16 +568,7 @@ class Bench:
                 raise RuntimeError(f"secret: {response.status_code} {response.text[:300]}")
             return time.monotonic()
 
-        t0 = time.monotonic()
-        a_at, (b_at, polls) = await asyncio.wait_for(
-            asyncio.gather(change(), self._poll(b_serves)), 60
-        )
-        return {
-            "a_answered_ms": (a_at - t0) * 1e3,
-            "delay_ms": (b_at - a_at) * 1e3,
-            "from_request_ms": (b_at - t0) * 1e3,
-            "b_polls": float(polls),
-        }
+        return await self._change_reaches_b(change, b_serves)
 
     # -- load -------------------------------------------------------------------------------
 

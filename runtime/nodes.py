@@ -86,7 +86,7 @@ class Node:
         live = select(NodeRow.id).where(NodeRow.seen_at >= cutoff)
         with self.runtime.db.read() as c:
             orphans = c.execute(
-                select(SessionRow.id, AppRow.id, AppRow.name)
+                select(SessionRow.id, AppRow.name)
                 .join(AppRow, AppRow.id == SessionRow.app_id)
                 .where(
                     SessionRow.ended_at.is_(None)
@@ -95,10 +95,9 @@ class Node:
                 )
             ).all()
         ended = 0
-        for session_id, app_id, app_name in orphans:
-            app = self.runtime._remember_app(app_id, app_name)
+        for session_id, app_name in orphans:
             try:
-                app.end_session(session_id, "disconnected")
+                self.runtime.app(app_name).end_session(session_id, "disconnected")
                 ended += 1
             except NotFound:  # ended meanwhile (another reaper, an admin)
                 pass

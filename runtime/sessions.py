@@ -119,7 +119,13 @@ def start_session(
     session_id = uuid.uuid4().hex
     try:
         session = _store_session(
-            app, username, state, session_id, (connection_id, node_id), invocation
+            app,
+            username,
+            state,
+            session_id,
+            invocation,
+            connection_id=connection_id,
+            node_id=node_id,
         )
     except ChatfnError as exc:
         return SessionResult(error=exc, invocation=invocation)
@@ -137,8 +143,10 @@ def _store_session(
     username: str,
     state: AppState,
     session_id: str,
-    held_by: tuple[str | None, str | None],
     invocation: Invocation | None,
+    *,
+    connection_id: str | None,
+    node_id: str | None,
 ) -> dict[str, Any]:
     """In one write transaction: the handler's invocation record, the guest user if one is
     due, and the session. UserNotFound (with the invocation still recorded) otherwise."""
@@ -172,8 +180,8 @@ def _store_session(
                             "id": session_id,
                             "app_id": app.id,
                             "user_id": user.id,
-                            "connection_id": held_by[0],
-                            "node_id": held_by[1],
+                            "connection_id": connection_id,
+                            "node_id": node_id,
                             "started_at": started,
                             "ended_at": None,
                             "end_reason": None,

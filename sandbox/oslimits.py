@@ -19,7 +19,6 @@ from sandbox.policy import MIB, Limits, Policy
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
-PR_GET_SECCOMP = 21
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
@@ -87,11 +86,6 @@ def private_mounts(tmp_root: str, tmp_bytes: int) -> str:
     except OSError as exc:
         return f"the host's /proc stays visible ({exc})"
     return ""
-
-
-def seccomp_mode() -> int:
-    """0 (none), 1 (strict) or 2 (filter), as the kernel reports it for this process."""
-    return int(_libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0))
 
 
 def address_space(statm_fd: int) -> int:

@@ -35,7 +35,7 @@ from sandbox import landlock, oslimits, seccomp
 from sandbox.compiler import CompiledProject, compile_project
 from sandbox.isolation import Isolation
 from sandbox.logbuf import LogBuffer
-from sandbox.policy import MIB, Limits, Policy
+from sandbox.policy import LAYERS, MIB, Limits, Policy
 from sandbox.wire import HEADER, FrameReader, encode
 from sandbox.worker import Worker
 
@@ -92,8 +92,10 @@ class Template:
         self.list_rules: list[int] = []
         self.statm_fd = -1
         self.parent_alive_fd = -1
-        self.landlock_abi = 0
         self.isolation = Isolation()
+        for layer in LAYERS:
+            if not self.wants(layer):
+                self.isolation.set(layer, False, "turned off by the policy")
 
     def wants(self, layer: str) -> bool:
         return layer in self.policy.layers
@@ -110,8 +112,8 @@ class Template:
         }
         for layer, flag in flags.items():
             if not self.wants(layer):
-                self.isolation.set(layer, False, "turned off by the policy")
-            elif layer == "network_namespace" and self.limits.network != "none":
+                continue
+            if layer == "network_namespace" and self.limits.network != "none":
                 self.isolation.set(layer, False, 'the app\'s network is "outbound"')
             elif not self.root:
                 self.isolation.set(layer, False, "needs root")
@@ -198,9 +200,8 @@ class Template:
             oslimits.drop_privileges(self.policy)
             self.die_with_parent()
             self.isolation.set("uid", True)
-        else:
-            why = "turned off by the policy" if self.root else "needs root"
-            self.isolation.set("uid", False, why)
+        elif self.wants("uid"):
+            self.isolation.set("uid", False, "needs root")
         sys.path[:] = paths
         sys.path_importer_cache.clear()
         oslimits.no_new_privs()
@@ -208,13 +209,13 @@ class Template:
         # dependencies' import-time code included.
         self._landlock(self.tmp_root)
         self._seccomp()
-        if not self.wants("rlimits"):
-            self.isolation.set("rlimits", False, "turned off by the policy")
-        elif os.getuid() == 0:
-            # The kernel exempts uid 0 from RLIMIT_NPROC: set, but no fork-bomb guard.
-            self.isolation.set("rlimits", False, "RLIMIT_NPROC does not bind uid 0: needs uid")
-        else:
-            self.isolation.set("rlimits", True)
+        if self.wants("rlimits"):
+            if os.getuid() == 0:
+                # The kernel exempts uid 0 from RLIMIT_NPROC: set, but no fork-bomb guard.
+                why = "RLIMIT_NPROC does not bind uid 0: needs uid"
+                self.isolation.set("rlimits", False, why)
+            else:
+                self.isolation.set("rlimits", True)
         for name in self.policy.preload:
             importlib.import_module(name)
         gc.collect()
@@ -234,25 +235,28 @@ class Template:
             else:
                 self.read_rules.append(fd)
 
+    def _landlock_confine(self, writable: str) -> int:
+        """A Landlock layer on this process: read the import paths, write ``writable``."""
+        return landlock.restrict(
+            read=self.read_rules,
+            list_only=self.list_rules,
+            write=[writable],
+            network=self.limits.network,
+        )
+
     def _landlock(self, writable: str) -> None:
         if not self.wants("landlock"):
-            self.isolation.set("landlock", False, "turned off by the policy")
             return
         try:
-            self.landlock_abi = landlock.restrict(
-                read=self.read_rules,
-                list_only=self.list_rules,
-                write=[writable],
-                network=self.limits.network,
-            )
-            self.isolation.set("landlock", True, f"ABI {self.landlock_abi}")
+            abi = self._landlock_confine(writable)
+            self.isolation.set("landlock", True, f"ABI {abi}")
         except OSError as exc:
             self.isolation.set("landlock", False, str(exc))
 
     def _seccomp(self) -> None:
         if not self.wants("seccomp"):
-            self.isolation.set("seccomp", False, "turned off by the policy")
-        elif not seccomp.supported():
+            return
+        if not seccomp.supported():
             self.isolation.set("seccomp", False, "the filter is written for x86_64 Linux")
         else:
             seccomp.install(network=self.limits.network)
@@ -334,12 +338,7 @@ class Template:
         os.chdir(private)
         if self.isolation.on["landlock"]:
             # A second layer: of the template's directory, only this worker's own part.
-            landlock.restrict(
-                read=self.read_rules,
-                list_only=self.list_rules,
-                write=[private],
-                network=self.limits.network,
-            )
+            self._landlock_confine(private)
         os.environ.clear()
         sys.stdout = sys.stderr = _LogStream(log)  # type: ignore[assignment,unused-ignore]
         oslimits.apply(
